@@ -1,0 +1,84 @@
+//! Assembles the gate from a [`Config`]: connects and migrates the store, builds the
+//! relying party and the upstream client, and wires the router. Layer order matters and is
+//! commented where it does.
+
+use std::sync::Arc;
+
+use axum::middleware::{from_fn, from_fn_with_state};
+use axum::routing::{get, post};
+use axum::Router;
+use tower_sessions::cookie::SameSite;
+use tower_sessions::{Expiry, SessionManagerLayer};
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::passkeys::{build_webauthn, Passkeys};
+use crate::proxy::Upstream;
+use crate::stepup::StepUp;
+use crate::store::sessions::DbSessionStore;
+use crate::store::Store;
+use crate::web::{
+    api, assets, gateway, pages, same_origin_only, security_headers, AppInner, AppState,
+};
+
+/// Builds the whole gate: its router and the state behind it.
+pub async fn build(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Router, AppState)> {
+    let store = Store::connect(&config.database_url).await?;
+    store.migrate().await?;
+    let webauthn = build_webauthn(&config.webauthn, &config).map_err(anyhow::Error::msg)?;
+    let passkeys = Passkeys::new(webauthn, store.clone(), config.limits.ceremony_ttl);
+    let stepup = StepUp::new(store.clone(), passkeys, clock.clone());
+    let upstream = Upstream::new(&config).map_err(anyhow::Error::msg)?;
+    let public_origin = config.public_url.origin().ascii_serialization();
+    let secure_cookie = config.public_url.scheme() == "https";
+    let state = AppState(Arc::new(AppInner {
+        config,
+        stepup,
+        upstream,
+        clock: clock.clone(),
+        public_origin,
+    }));
+
+    let sessions = SessionManagerLayer::new(DbSessionStore::new(store, clock))
+        .with_name("stepgate_session")
+        .with_path("/_stepgate")
+        .with_same_site(SameSite::Strict)
+        .with_http_only(true)
+        .with_secure(secure_cookie)
+        .with_expiry(Expiry::OnInactivity(time::Duration::hours(1)));
+
+    let gate = Router::new()
+        .route("/_stepgate/passkeys", get(pages::passkeys_page))
+        .route("/_stepgate/changes", get(pages::changes_page))
+        .route("/_stepgate/changes/{id}", get(pages::change_page))
+        .route("/_stepgate/static/{name}", get(assets::asset))
+        .route(
+            "/_stepgate/api/passkeys/register/start",
+            post(api::register_start),
+        )
+        .route(
+            "/_stepgate/api/passkeys/register/finish",
+            post(api::register_finish),
+        )
+        .route("/_stepgate/api/changes", get(api::list_changes))
+        .route("/_stepgate/api/changes/{id}", get(api::get_change))
+        .route(
+            "/_stepgate/api/changes/{id}/confirm/start",
+            post(api::confirm_start),
+        )
+        .route(
+            "/_stepgate/api/changes/{id}/confirm/finish",
+            post(api::confirm_finish),
+        )
+        .route("/_stepgate/api/changes/{id}/cancel", post(api::cancel))
+        // Innermost first: the cross-site check refuses before any session work happens;
+        // the security headers wrap everything, refusals included.
+        .layer(from_fn_with_state(state.clone(), same_origin_only))
+        .layer(sessions)
+        .layer(from_fn(security_headers));
+
+    // Everything that is not a gate route goes through the proxy pipeline. Gate layers do
+    // not wrap it: pass-through answers are the upstream's, untouched.
+    let router = gate.fallback(gateway::gateway).with_state(state.clone());
+    Ok((router, state))
+}

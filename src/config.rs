@@ -1,0 +1,686 @@
+//! The configuration file: its schema (unknown keys rejected with their name and line), the
+//! `STEPGATE_*` environment overrides, and validation into the runtime [`Config`] the rest of
+//! the gate uses. Nothing outside this module sees the file's raw shape.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use crate::identity::{IdentitySettings, JwtAlgorithm, JwtSettings};
+use crate::policy::{Condition, ConditionTest, Rule, RuleSet};
+
+/// Everything the gate needs to run, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// The origin users' browsers see; also the WebAuthn origin. Never has a path.
+    pub public_url: Url,
+    pub upstream: Url,
+    pub database_url: String,
+    pub webauthn: WebauthnSettings,
+    pub identity: IdentitySettings,
+    pub limits: Limits,
+    pub rules: RuleSet,
+}
+
+#[derive(Debug, Clone)]
+pub struct WebauthnSettings {
+    pub rp_id: String,
+    pub rp_name: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// The largest body the gate buffers on a protected route (413 above it).
+    pub max_body_bytes: usize,
+    /// How long the upstream may take to answer with headers (504 after it).
+    pub upstream_timeout: Duration,
+    /// How long connecting to the upstream may take (502 after it).
+    pub connect_timeout: Duration,
+    /// How long a started passkey ceremony stays usable.
+    pub ceremony_ttl: Duration,
+}
+
+/// A configuration problem, said in terms of the file or variable it came from.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------------------------------------
+// The file's schema.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: String,
+    public_url: String,
+    upstream: String,
+    database_url: String,
+    webauthn: FileWebauthn,
+    identity: FileIdentity,
+    #[serde(default)]
+    limits: FileLimits,
+    #[serde(default)]
+    rules: Vec<FileRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWebauthn {
+    rp_id: String,
+    rp_name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileIdentity {
+    mode: String,
+    header: Option<String>,
+    hmac_secret: Option<String>,
+    hmac_max_age: Option<String>,
+    algorithm: Option<String>,
+    secret: Option<String>,
+    public_key_pem: Option<String>,
+    public_key_file: Option<String>,
+    cookie: Option<String>,
+    claim: Option<String>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    max_body_bytes: Option<ByteSize>,
+    upstream_timeout: Option<String>,
+    connect_timeout: Option<String>,
+    ceremony_ttl: Option<String>,
+}
+
+/// A byte count written as an integer or as text such as `"64KiB"` (environment values are
+/// always text).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ByteSize {
+    Number(u64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRule {
+    name: String,
+    methods: Vec<String>,
+    path: String,
+    #[serde(default)]
+    when: Vec<FileCondition>,
+    cooling_off: String,
+    confirm_within: String,
+    release_within: Option<String>,
+    summary: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCondition {
+    pointer: String,
+    contains: Option<toml::Value>,
+    equals: Option<toml::Value>,
+    exists: Option<bool>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading.
+
+/// Environment variables that start with `STEPGATE_` but are not configuration overrides.
+fn is_reserved_env(name: &str) -> bool {
+    name == "STEPGATE_LOG" || name == "STEPGATE_CONFIG" || name.starts_with("STEPGATE_TEST_")
+}
+
+impl Config {
+    /// Reads `path`, applies the process's `STEPGATE_*` overrides, validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(format!("{}: cannot read: {e}", path.display())))?;
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::from_toml_str(&text, &path.display().to_string(), &env)
+    }
+
+    /// Parses configuration text (named `source` in errors) with the given environment.
+    pub fn from_toml_str(
+        text: &str,
+        source: &str,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        // First pass straight from the text: serde errors then carry the line and column of
+        // the offending key, which a table round-trip would lose.
+        let direct: FileConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::new(format!("{source}: {}", e.to_string().trim_end())))?;
+        let overrides: Vec<&(String, String)> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("STEPGATE_") && !is_reserved_env(k))
+            .collect();
+        let file = if overrides.is_empty() {
+            direct
+        } else {
+            let mut table: toml::Table =
+                toml::from_str(text).map_err(|e| ConfigError::new(format!("{source}: {e}")))?;
+            for (name, value) in &overrides {
+                apply_override(&mut table, name, value)?;
+            }
+            let names: Vec<&str> = overrides.iter().map(|(k, _)| k.as_str()).collect();
+            FileConfig::deserialize(toml::Value::Table(table)).map_err(|e| {
+                ConfigError::new(format!(
+                    "{source} with environment overrides {}: {e}",
+                    names.join(", ")
+                ))
+            })?
+        };
+        validate(file, source)
+    }
+}
+
+/// `STEPGATE_IDENTITY__HMAC_SECRET=x` sets `identity.hmac_secret`: `__` separates table
+/// levels, a number selects an array element (`STEPGATE_RULES__0__COOLING_OFF`).
+fn apply_override(table: &mut toml::Table, name: &str, raw: &str) -> Result<(), ConfigError> {
+    let path: Vec<String> = name["STEPGATE_".len()..]
+        .split("__")
+        .map(|segment| segment.to_ascii_lowercase())
+        .collect();
+    if path.iter().any(String::is_empty) {
+        return Err(ConfigError::new(format!(
+            "environment variable {name}: empty key segment"
+        )));
+    }
+    let value = parse_env_value(name, raw)?;
+    let bad = |why: &str| ConfigError::new(format!("environment variable {name}: {why}"));
+
+    let (last, parents) = path.split_last().ok_or_else(|| bad("no key"))?;
+    // Walk from the root as a `Value` so tables and arrays take one code path; the root is
+    // swapped out and back so nothing is cloned.
+    let mut root = toml::Value::Table(std::mem::take(table));
+    let result = set_at_path(&mut root, parents, last, value, &bad);
+    if let toml::Value::Table(restored) = root {
+        *table = restored;
+    }
+    result
+}
+
+fn set_at_path(
+    root: &mut toml::Value,
+    parents: &[String],
+    last: &str,
+    value: toml::Value,
+    bad: &dyn Fn(&str) -> ConfigError,
+) -> Result<(), ConfigError> {
+    let mut current = root;
+    for segment in parents {
+        current = match current {
+            toml::Value::Table(t) => t
+                .entry(segment.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new())),
+            toml::Value::Array(items) => {
+                let index: usize = segment
+                    .parse()
+                    .map_err(|_| bad(&format!("`{segment}` is not an array index")))?;
+                items
+                    .get_mut(index)
+                    .ok_or_else(|| bad(&format!("no element {index} in that array")))?
+            }
+            _ => return Err(bad(&format!("`{segment}` is not a table"))),
+        };
+    }
+    match current {
+        toml::Value::Table(t) => {
+            t.insert(last.to_string(), value);
+        }
+        toml::Value::Array(items) => {
+            let index: usize = last
+                .parse()
+                .map_err(|_| bad(&format!("`{last}` is not an array index")))?;
+            let slot = items
+                .get_mut(index)
+                .ok_or_else(|| bad(&format!("no element {index} in that array")))?;
+            *slot = value;
+        }
+        _ => return Err(bad("the parent key is not a table")),
+    }
+    Ok(())
+}
+
+/// Environment values are text; `true`/`false` become booleans and a value that starts with
+/// `[` or `{` is read as an inline TOML array or table (for `methods`, `when`, or whole rules).
+fn parse_env_value(name: &str, raw: &str) -> Result<toml::Value, ConfigError> {
+    let trimmed = raw.trim();
+    match trimmed {
+        "true" => Ok(toml::Value::Boolean(true)),
+        "false" => Ok(toml::Value::Boolean(false)),
+        _ if trimmed.starts_with('[') || trimmed.starts_with('{') => {
+            let wrapped: toml::Table = toml::from_str(&format!("v = {trimmed}")).map_err(|e| {
+                ConfigError::new(format!(
+                    "environment variable {name}: not a TOML value: {e}"
+                ))
+            })?;
+            wrapped
+                .get("v")
+                .cloned()
+                .ok_or_else(|| ConfigError::new(format!("environment variable {name}: empty")))
+        }
+        _ => Ok(toml::Value::String(raw.to_string())),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation.
+
+fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
+    let err = |key: &str, why: String| ConfigError::new(format!("{source}: `{key}`: {why}"));
+
+    let listen: SocketAddr = file.listen.parse().map_err(|e| {
+        err(
+            "listen",
+            format!("not an address like 127.0.0.1:8080 ({e})"),
+        )
+    })?;
+
+    let public_url = Url::parse(&file.public_url).map_err(|e| err("public_url", e.to_string()))?;
+    if !matches!(public_url.scheme(), "http" | "https") || public_url.host_str().is_none() {
+        return Err(err("public_url", "must be an http(s) origin".into()));
+    }
+    if public_url.path() != "/" || public_url.query().is_some() || public_url.fragment().is_some() {
+        return Err(err(
+            "public_url",
+            "must be an origin only, like https://gate.example.com (no path, query or fragment)"
+                .into(),
+        ));
+    }
+    if public_url.host_str() == Some("127.0.0.1") {
+        return Err(err(
+            "public_url",
+            "browsers refuse WebAuthn on http://127.0.0.1; use http://localhost:PORT".into(),
+        ));
+    }
+
+    let upstream = Url::parse(&file.upstream).map_err(|e| err("upstream", e.to_string()))?;
+    if upstream.scheme() != "http" || upstream.host_str().is_none() {
+        return Err(err(
+            "upstream",
+            "must be an http:// URL (TLS to the upstream is not supported yet; keep the gate and \
+             the exchange API on a private network)"
+                .into(),
+        ));
+    }
+    if upstream.query().is_some() || upstream.fragment().is_some() {
+        return Err(err("upstream", "must not have a query or fragment".into()));
+    }
+
+    if !(file.database_url.starts_with("sqlite:") || file.database_url.starts_with("postgres")) {
+        return Err(err(
+            "database_url",
+            "must start with sqlite: (for example sqlite://stepgate.db or sqlite::memory:)".into(),
+        ));
+    }
+
+    if file.webauthn.rp_id.trim().is_empty() {
+        return Err(err("webauthn.rp_id", "must not be empty".into()));
+    }
+    let host = public_url.host_str().unwrap_or_default();
+    let rp_id = file.webauthn.rp_id.clone();
+    if host != rp_id && !host.ends_with(&format!(".{rp_id}")) {
+        return Err(err(
+            "webauthn.rp_id",
+            format!("must be the host of public_url ({host}) or a parent domain of it"),
+        ));
+    }
+
+    let identity = validate_identity(file.identity, source)?;
+
+    let limits = Limits {
+        max_body_bytes: match file.limits.max_body_bytes {
+            None => 64 * 1024,
+            Some(size) => {
+                parse_byte_size(&size).map_err(|why| err("limits.max_body_bytes", why))?
+            }
+        },
+        upstream_timeout: duration_or(file.limits.upstream_timeout, "30s")
+            .map_err(|why| err("limits.upstream_timeout", why))?,
+        connect_timeout: duration_or(file.limits.connect_timeout, "5s")
+            .map_err(|why| err("limits.connect_timeout", why))?,
+        ceremony_ttl: duration_or(file.limits.ceremony_ttl, "5m")
+            .map_err(|why| err("limits.ceremony_ttl", why))?,
+    };
+
+    let mut rules = Vec::with_capacity(file.rules.len());
+    for (index, rule) in file.rules.into_iter().enumerate() {
+        let label = format!("rules[{index}] ({})", rule.name);
+        rules.push(validate_rule(rule).map_err(|why| err(&label, why))?);
+    }
+    let rules = RuleSet::new(rules).map_err(|why| err("rules", why))?;
+
+    Ok(Config {
+        listen,
+        public_url,
+        upstream,
+        database_url: file.database_url,
+        webauthn: WebauthnSettings {
+            rp_id,
+            rp_name: file.webauthn.rp_name,
+        },
+        identity,
+        limits,
+        rules,
+    })
+}
+
+fn validate_identity(file: FileIdentity, source: &str) -> Result<IdentitySettings, ConfigError> {
+    let err = |key: &str, why: &str| ConfigError::new(format!("{source}: `identity.{key}`: {why}"));
+    let jwt_only = [
+        ("algorithm", file.algorithm.is_some()),
+        ("secret", file.secret.is_some()),
+        ("public_key_pem", file.public_key_pem.is_some()),
+        ("public_key_file", file.public_key_file.is_some()),
+        ("cookie", file.cookie.is_some()),
+        ("claim", file.claim.is_some()),
+        ("issuer", file.issuer.is_some()),
+        ("audience", file.audience.is_some()),
+        ("leeway", file.leeway.is_some()),
+    ];
+    match file.mode.as_str() {
+        "header" => {
+            if let Some((key, _)) = jwt_only.iter().find(|(_, set)| *set) {
+                return Err(err(key, "only applies when mode = \"jwt\""));
+            }
+            let header = file
+                .header
+                .ok_or_else(|| err("header", "required when mode = \"header\""))?;
+            let header = http::HeaderName::try_from(header.to_ascii_lowercase())
+                .map_err(|_| err("header", "not a valid header name"))?;
+            let hmac_secret = match file.hmac_secret {
+                Some(secret) if secret.len() < 32 => {
+                    return Err(err("hmac_secret", "must be at least 32 characters long"))
+                }
+                other => other.map(String::into_bytes),
+            };
+            let hmac_max_age =
+                duration_or(file.hmac_max_age, "5m").map_err(|why| err("hmac_max_age", &why))?;
+            Ok(IdentitySettings::Header {
+                header,
+                hmac_secret,
+                hmac_max_age,
+            })
+        }
+        "jwt" => {
+            if file.header.is_some() || file.hmac_secret.is_some() || file.hmac_max_age.is_some() {
+                return Err(err(
+                    "header",
+                    "header, hmac_secret and hmac_max_age only apply when mode = \"header\"",
+                ));
+            }
+            let algorithm = match file.algorithm.as_deref() {
+                Some("HS256") => JwtAlgorithm::Hs256,
+                Some("RS256") => JwtAlgorithm::Rs256,
+                Some("ES256") => JwtAlgorithm::Es256,
+                Some(_) => return Err(err("algorithm", "must be HS256, RS256 or ES256")),
+                None => return Err(err("algorithm", "required when mode = \"jwt\"")),
+            };
+            let key_material = match algorithm {
+                JwtAlgorithm::Hs256 => {
+                    if file.public_key_pem.is_some() || file.public_key_file.is_some() {
+                        return Err(err(
+                            "public_key_pem",
+                            "HS256 uses `secret`, not a public key",
+                        ));
+                    }
+                    let secret = file
+                        .secret
+                        .ok_or_else(|| err("secret", "required for HS256"))?;
+                    if secret.len() < 32 {
+                        return Err(err("secret", "must be at least 32 characters long"));
+                    }
+                    secret.into_bytes()
+                }
+                JwtAlgorithm::Rs256 | JwtAlgorithm::Es256 => {
+                    if file.secret.is_some() {
+                        return Err(err(
+                            "secret",
+                            "RS256 and ES256 use a public key, not a secret",
+                        ));
+                    }
+                    match (file.public_key_pem, file.public_key_file) {
+                        (Some(pem), None) => pem.into_bytes(),
+                        (None, Some(path)) => std::fs::read(&path).map_err(|e| {
+                            err("public_key_file", &format!("cannot read {path}: {e}"))
+                        })?,
+                        _ => {
+                            return Err(err(
+                                "public_key_pem",
+                                "give exactly one of public_key_pem or public_key_file",
+                            ))
+                        }
+                    }
+                }
+            };
+            let cookie = match file.cookie {
+                Some(name) if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) => {
+                    return Err(err("cookie", "not a valid cookie name"))
+                }
+                other => other,
+            };
+            let settings = JwtSettings {
+                algorithm,
+                key_material,
+                cookie,
+                claim: file.claim.unwrap_or_else(|| "sub".to_string()),
+                issuer: file.issuer,
+                audience: file.audience,
+                leeway: duration_or(file.leeway, "30s").map_err(|why| err("leeway", &why))?,
+            };
+            IdentitySettings::jwt(settings).map_err(|why| err("algorithm", &why))
+        }
+        _ => Err(err("mode", "must be \"header\" or \"jwt\"")),
+    }
+}
+
+fn validate_rule(rule: FileRule) -> Result<Rule, String> {
+    let cooling_off = parse_duration(&rule.cooling_off).map_err(|e| format!("cooling_off: {e}"))?;
+    let confirm_within =
+        parse_duration(&rule.confirm_within).map_err(|e| format!("confirm_within: {e}"))?;
+    let release_within =
+        duration_or(rule.release_within, "7d").map_err(|e| format!("release_within: {e}"))?;
+    if confirm_within.is_zero() {
+        return Err("confirm_within must be longer than zero".into());
+    }
+    if release_within.is_zero() {
+        return Err("release_within must be longer than zero".into());
+    }
+    let mut conditions = Vec::with_capacity(rule.when.len());
+    for (index, condition) in rule.when.into_iter().enumerate() {
+        let test = match (condition.contains, condition.equals, condition.exists) {
+            (Some(v), None, None) => ConditionTest::Contains(toml_to_json(v)?),
+            (None, Some(v), None) => ConditionTest::Equals(toml_to_json(v)?),
+            (None, None, Some(b)) => ConditionTest::Exists(b),
+            _ => {
+                return Err(format!(
+                    "when[{index}]: give exactly one of contains, equals or exists"
+                ))
+            }
+        };
+        conditions.push(
+            Condition::new(&condition.pointer, test).map_err(|e| format!("when[{index}]: {e}"))?,
+        );
+    }
+    Rule::new(
+        rule.name,
+        &rule.methods,
+        &rule.path,
+        conditions,
+        cooling_off,
+        confirm_within,
+        release_within,
+        rule.summary,
+    )
+}
+
+fn toml_to_json(value: toml::Value) -> Result<serde_json::Value, String> {
+    if let toml::Value::Datetime(_) = value {
+        return Err("dates are not supported in conditions".into());
+    }
+    serde_json::to_value(value).map_err(|e| e.to_string())
+}
+
+/// Humantime durations: `24h`, `10m`, `90s`, `1h 30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("`{text}` is not a duration like 24h or 10m ({e})"))
+}
+
+fn duration_or(value: Option<String>, default: &str) -> Result<Duration, String> {
+    parse_duration(value.as_deref().unwrap_or(default))
+}
+
+fn parse_byte_size(size: &ByteSize) -> Result<usize, String> {
+    let bytes = match size {
+        ByteSize::Number(n) => *n,
+        ByteSize::Text(text) => {
+            let text = text.trim();
+            let split = text
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(text.len());
+            let (number, unit) = text.split_at(split);
+            let number: u64 = number
+                .parse()
+                .map_err(|_| format!("`{text}` is not a size like 65536, 64KiB or 1MiB"))?;
+            let factor = match unit.trim() {
+                "" | "B" => 1,
+                "KiB" | "KB" | "k" | "K" => 1024,
+                "MiB" | "MB" | "M" => 1024 * 1024,
+                _ => return Err(format!("`{text}`: unknown unit (use B, KiB or MiB)")),
+            };
+            number.saturating_mul(factor)
+        }
+    };
+    if bytes == 0 {
+        return Err("must be more than zero".into());
+    }
+    usize::try_from(bytes).map_err(|_| "too large".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub const MINIMAL: &str = r#"
+listen = "127.0.0.1:8080"
+public_url = "http://localhost:8080"
+upstream = "http://127.0.0.1:9000"
+database_url = "sqlite::memory:"
+
+[webauthn]
+rp_id = "localhost"
+rp_name = "Example Exchange"
+
+[identity]
+mode = "header"
+header = "x-user-id"
+
+[[rules]]
+name = "enable-withdrawals"
+methods = ["PUT", "PATCH"]
+path = "/api/v1/api-keys/{key_id}"
+when = [{ pointer = "/permissions", contains = "withdraw" }]
+cooling_off = "24h"
+confirm_within = "10m"
+summary = "Enable withdrawals on API key {key_id}"
+"#;
+
+    #[test]
+    fn minimal_file_loads() {
+        let config = Config::from_toml_str(MINIMAL, "test.toml", &[]).expect("valid");
+        assert_eq!(config.rules.rules().len(), 1);
+        assert_eq!(config.limits.max_body_bytes, 64 * 1024);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = MINIMAL.replace("[identity]", "[identity]\nheadr = \"x\"");
+        let error = Config::from_toml_str(&text, "test.toml", &[]).unwrap_err();
+        assert!(error.message.contains("headr"), "{}", error.message);
+        assert!(error.message.contains("line 12"), "{}", error.message);
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys_and_rules() {
+        let env = vec![
+            (
+                "STEPGATE_WEBAUTHN__RP_NAME".to_string(),
+                "Other".to_string(),
+            ),
+            (
+                "STEPGATE_RULES__0__COOLING_OFF".to_string(),
+                "2m".to_string(),
+            ),
+            (
+                "STEPGATE_TEST_POSTGRES_URL".to_string(),
+                "ignored".to_string(),
+            ),
+        ];
+        let config = Config::from_toml_str(MINIMAL, "test.toml", &env).expect("valid");
+        assert_eq!(config.webauthn.rp_name, "Other");
+        assert_eq!(
+            config.rules.rules()[0].cooling_off,
+            Duration::from_secs(120)
+        );
+    }
+
+    #[test]
+    fn unknown_environment_key_is_refused_by_name() {
+        let env = vec![("STEPGATE_LISTN".to_string(), "x".to_string())];
+        let error = Config::from_toml_str(MINIMAL, "test.toml", &env).unwrap_err();
+        assert!(
+            error.message.contains("STEPGATE_LISTN"),
+            "{}",
+            error.message
+        );
+        assert!(error.message.contains("listn"), "{}", error.message);
+    }
+
+    #[test]
+    fn bad_duration_names_the_rule_and_key() {
+        let text = MINIMAL.replace("\"24h\"", "\"soon\"");
+        let error = Config::from_toml_str(&text, "test.toml", &[]).unwrap_err();
+        assert!(
+            error.message.contains("enable-withdrawals"),
+            "{}",
+            error.message
+        );
+        assert!(error.message.contains("cooling_off"), "{}", error.message);
+    }
+
+    #[test]
+    fn public_url_on_127_0_0_1_is_refused() {
+        let text = MINIMAL.replace("http://localhost:8080", "http://127.0.0.1:8080");
+        assert!(Config::from_toml_str(&text, "t", &[]).is_err());
+    }
+}

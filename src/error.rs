@@ -1,0 +1,139 @@
+//! The gate's error type and who is to blame for each error: the client (4xx), the upstream
+//! (502/504), the database (503, failing closed) or ourselves (500). The web layer turns an
+//! error into a JSON answer or a page with the same code and sentence.
+
+use http::StatusCode;
+use time::OffsetDateTime;
+
+use crate::identity::IdentityError;
+use crate::policy::PathError;
+use crate::proxy::ProxyError;
+use crate::stepup::Refusal;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error("{0}")]
+    Unauthenticated(IdentityError),
+    #[error("there is no such change or passkey for you")]
+    NotFound,
+    #[error("{0}")]
+    InvalidPath(PathError),
+    #[error("the request body cannot be read strictly: {0}")]
+    InvalidBody(String),
+    #[error("the request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("this request came from another site")]
+    CrossOrigin,
+    #[error("the change was refused")]
+    Refused(Refusal),
+    #[error("this request differs from the one that was held and confirmed")]
+    ChangeMismatch,
+    #[error("register a passkey before confirming changes")]
+    NoPasskey,
+    #[error("this ceremony is unknown, already used, expired, or was started in another session")]
+    CeremonyInvalid,
+    #[error("the passkey's answer was not accepted: {0}")]
+    AssertionInvalid(String),
+    #[error(
+        "the passkey did not verify the user (PIN or biometric); try again and complete the check"
+    )]
+    UserNotVerified,
+    #[error("the passkey could not be registered: {0}")]
+    RegistrationFailed(String),
+    #[error("this passkey is already registered")]
+    DuplicateCredential,
+    #[error(transparent)]
+    Upstream(#[from] ProxyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl GateError {
+    /// The status code and stable machine-readable code for this error.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use GateError::*;
+        match self {
+            Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            InvalidPath(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
+            InvalidBody(_) => (StatusCode::BAD_REQUEST, "invalid_body"),
+            BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            CrossOrigin => (StatusCode::FORBIDDEN, "cross_origin"),
+            Refused(refusal) => refusal_status(*refusal),
+            ChangeMismatch => (StatusCode::FORBIDDEN, "change_mismatch"),
+            NoPasskey => (StatusCode::CONFLICT, "no_passkey"),
+            CeremonyInvalid => (StatusCode::BAD_REQUEST, "ceremony_invalid"),
+            AssertionInvalid(_) => (StatusCode::FORBIDDEN, "assertion_invalid"),
+            UserNotVerified => (StatusCode::FORBIDDEN, "user_not_verified"),
+            RegistrationFailed(_) => (StatusCode::BAD_REQUEST, "registration_failed"),
+            DuplicateCredential => (StatusCode::CONFLICT, "duplicate_credential"),
+            Upstream(ProxyError::Unreachable(_)) => {
+                (StatusCode::BAD_GATEWAY, "upstream_unreachable")
+            }
+            Upstream(ProxyError::Failed(_)) => (StatusCode::BAD_GATEWAY, "upstream_failed"),
+            Upstream(ProxyError::Timeout) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            Store(StoreError::Unavailable(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
+            }
+            Store(_) | Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+        }
+    }
+
+    /// A sentence a person can read. Internal details stay in the logs.
+    pub fn public_message(&self) -> String {
+        match self {
+            GateError::Refused(refusal) => refusal_message(*refusal),
+            GateError::Store(StoreError::Unavailable(_)) => {
+                "the gate's database is unavailable; protected changes are refused until it is back"
+                    .into()
+            }
+            GateError::Store(_) | GateError::Internal(_) => {
+                "the gate failed on its side; nothing was changed".into()
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// For `cooling_off`: when the release becomes possible.
+    pub fn release_at(&self) -> Option<OffsetDateTime> {
+        match self {
+            GateError::Refused(Refusal::CoolingOff { release_at }) => Some(*release_at),
+            _ => None,
+        }
+    }
+}
+
+fn refusal_status(refusal: Refusal) -> (StatusCode, &'static str) {
+    match refusal {
+        Refusal::CoolingOff { .. } => (StatusCode::FORBIDDEN, "cooling_off"),
+        Refusal::NotConfirmed => (StatusCode::FORBIDDEN, "not_confirmed"),
+        Refusal::Cancelled => (StatusCode::FORBIDDEN, "change_cancelled"),
+        Refusal::Expired | Refusal::Lapsed => (StatusCode::FORBIDDEN, "change_expired"),
+        Refusal::AlreadyApplied => (StatusCode::CONFLICT, "change_already_applied"),
+        Refusal::NotHeld => (StatusCode::CONFLICT, "change_not_held"),
+        Refusal::NotDue => (StatusCode::CONFLICT, "change_not_due"),
+    }
+}
+
+fn refusal_message(refusal: Refusal) -> String {
+    match refusal {
+        Refusal::CoolingOff { release_at } => format!(
+            "this change is cooling off and can be released from {}",
+            crate::clock::rfc3339(release_at)
+        ),
+        Refusal::NotConfirmed => "this change has not been confirmed with a passkey yet".into(),
+        Refusal::Cancelled => "this change was cancelled".into(),
+        Refusal::Expired | Refusal::Lapsed => {
+            "this change expired: it was not confirmed or released in time".into()
+        }
+        Refusal::AlreadyApplied => "this change was already applied".into(),
+        Refusal::NotHeld => "this change is no longer waiting for a confirmation".into(),
+        Refusal::NotDue => "this change has no deadline that has passed".into(),
+    }
+}

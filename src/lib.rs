@@ -1,0 +1,21 @@
+//! stepgate: a WebAuthn step-up gate for sensitive account changes, run as a reverse proxy in
+//! front of an exchange's API. Requests that loosen a protected permission are held until the
+//! user confirms that exact change with a passkey and a cooling-off delay has passed; every
+//! other request streams through untouched.
+//!
+//! The public surface: [`config::Config`] to describe a gate, [`server::Server`] to run one,
+//! [`clock`] to inject time, and [`demo`] for the built-in walkthrough.
+
+pub mod app;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod identity;
+pub mod passkeys;
+pub mod policy;
+pub mod proxy;
+pub mod server;
+pub mod stepup;
+pub mod store;
+pub mod web;

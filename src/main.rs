@@ -1,0 +1,130 @@
+//! The `stepgate` command: parse the command line and hand over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use stepgate::clock::SystemClock;
+use stepgate::config::Config;
+use stepgate::server::Server;
+
+#[derive(Parser)]
+#[command(
+    name = "stepgate",
+    version,
+    about = "A WebAuthn step-up gate for sensitive account changes, run as a reverse proxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gate in front of the exchange API described by the config file.
+    Serve {
+        /// The TOML configuration file (keys can be overridden with STEPGATE_* variables).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the gate in front of a built-in demo exchange on localhost and print the URL to open.
+    Demo {
+        /// Port for the gate on 127.0.0.1 (browse it as http://localhost:PORT); 0 picks a free one.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// How long confirmed changes cool off in the demo, e.g. 2m or 30s.
+        #[arg(long, default_value = "2m")]
+        cooling_off: String,
+    },
+    /// Validate a config file (with STEPGATE_* overrides applied) and exit.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STEPGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("stepgate: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("stepgate: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { config } => {
+            let config = Config::load(&config)?;
+            let listener = tokio::net::TcpListener::bind(config.listen).await?;
+            let public_url = config.public_url.clone();
+            let server = Server::bind(config, Arc::new(SystemClock), listener).await?;
+            tracing::info!(listen = %server.local_addr(), %public_url, "stepgate is serving");
+            server.run_until(shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Demo { port, cooling_off } => {
+            let cooling_off: Duration =
+                stepgate::config::parse_duration(&cooling_off).map_err(anyhow::Error::msg)?;
+            stepgate::demo::run(stepgate::demo::DemoOptions { port, cooling_off }).await
+        }
+        Command::CheckConfig { config: path } => {
+            let config = Config::load(&path)?;
+            println!(
+                "{}: OK — listen {}, public_url {}, upstream {}, {} rule(s): {}",
+                path.display(),
+                config.listen,
+                config.public_url,
+                config.upstream,
+                config.rules.rules().len(),
+                config
+                    .rules
+                    .rules()
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

@@ -1,0 +1,492 @@
+//! Durable state: users, passkeys, held changes, ceremonies and browser sessions. The only
+//! module that knows SQL. One set of queries (with `$N` placeholders, which SQLite and
+//! PostgreSQL both accept) runs on sqlx's `Any` driver; the backend is chosen by the URL
+//! scheme. Every state change is a conditional update whose affected-row count is checked.
+
+pub mod sessions;
+
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use time::OffsetDateTime;
+use uuid::Uuid;
+use webauthn_rs::prelude::Passkey;
+
+use crate::clock::{from_millis, to_millis};
+use crate::stepup::{Change, State, Transition};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached: fail closed with 503.
+    #[error("database unavailable: {0}")]
+    Unavailable(sqlx::Error),
+    /// A unique constraint refused the write.
+    #[error("already exists")]
+    Duplicate,
+    /// A row that we wrote cannot be read back: a bug or tampering.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Other(sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Duplicate,
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(error),
+            _ => StoreError::Other(error),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A registered passkey.
+#[derive(Debug, Clone)]
+pub struct PasskeyRecord {
+    pub id: Uuid,
+    pub user_id: String,
+    /// Base64url credential id, unique across all users.
+    pub credential_id: String,
+    pub name: String,
+    pub passkey: Passkey,
+    pub backup_eligible: bool,
+    pub created_at: OffsetDateTime,
+    pub last_used_at: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CeremonyKind {
+    Register,
+    Confirm,
+}
+
+impl CeremonyKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            CeremonyKind::Register => "register",
+            CeremonyKind::Confirm => "confirm",
+        }
+    }
+}
+
+/// A started passkey ceremony, kept server-side until it is finished once.
+#[derive(Debug, Clone)]
+pub struct CeremonyRecord {
+    pub id: Uuid,
+    pub kind: CeremonyKind,
+    pub user_id: String,
+    pub change_id: Option<Uuid>,
+    pub change_digest: Option<String>,
+    pub session_binding: String,
+    /// The serialised webauthn-rs ceremony state.
+    pub state_json: String,
+    pub created_at: OffsetDateTime,
+    pub expires_at: OffsetDateTime,
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+const CHANGE_COLUMNS: &str = "id, user_id, rule_name, method, path, query, headers_json, body, \
+     digest, summary, state, cooling_off_ms, release_within_ms, created_at, confirm_before, \
+     confirmed_at, release_at, release_before, finished_at";
+
+const PASSKEY_COLUMNS: &str =
+    "id, user_id, credential_id, name, passkey_json, backup_eligible, created_at, last_used_at";
+
+impl Store {
+    /// Connects to `sqlite:...` or `postgres://...`.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::Corrupt(format!(
+                "unsupported database URL scheme in {url}"
+            )));
+        };
+        let mut options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(5));
+        let url = match backend {
+            Backend::Postgres => url.to_string(),
+            Backend::Sqlite => {
+                options = options.after_connect(|conn, _meta| {
+                    Box::pin(async move {
+                        // WAL lets readers and one writer work at once; FULL makes a committed
+                        // "consumed" or "applied" mark survive a power loss.
+                        for pragma in [
+                            "PRAGMA busy_timeout = 10000",
+                            "PRAGMA journal_mode = WAL",
+                            "PRAGMA synchronous = FULL",
+                            "PRAGMA foreign_keys = ON",
+                        ] {
+                            sqlx::query(pragma).execute(&mut *conn).await?;
+                        }
+                        Ok(())
+                    })
+                });
+                if is_sqlite_memory(url) {
+                    // Every connection to `:memory:` is a separate empty database, so keep
+                    // exactly one, forever.
+                    options = options
+                        .max_connections(1)
+                        .min_connections(1)
+                        .idle_timeout(None)
+                        .max_lifetime(None);
+                }
+                sqlite_url_creating_file(url)
+            }
+        };
+        let pool = options.connect(&url).await?;
+        Ok(Store { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = match self.backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Other(sqlx::Error::Migrate(Box::new(e))))
+    }
+
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    // -- users -----------------------------------------------------------------------------
+
+    /// The user's WebAuthn user handle, created on first use. Random, so the authenticator
+    /// never learns the exchange's user id.
+    pub async fn user_handle(
+        &self,
+        user_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<Uuid, StoreError> {
+        sqlx::query(
+            "INSERT INTO users (user_id, webauthn_handle, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (user_id) DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(Uuid::new_v4().to_string())
+        .bind(to_millis(now))
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query("SELECT webauthn_handle FROM users WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_one(&self.pool)
+            .await?;
+        parse_uuid(&row.try_get::<String, _>("webauthn_handle")?)
+    }
+
+    // -- passkeys --------------------------------------------------------------------------
+
+    pub async fn passkeys_of(&self, user_id: &str) -> Result<Vec<PasskeyRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {PASSKEY_COLUMNS} FROM passkeys WHERE user_id = $1 ORDER BY created_at, id"
+        ))
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(passkey_from_row).collect()
+    }
+
+    /// Fails with [`StoreError::Duplicate`] when the credential id is registered already
+    /// (to anyone).
+    pub async fn insert_passkey(&self, passkey: &PasskeyRecord) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "INSERT INTO passkeys ({PASSKEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        ))
+        .bind(passkey.id.to_string())
+        .bind(&passkey.user_id)
+        .bind(&passkey.credential_id)
+        .bind(&passkey.name)
+        .bind(to_json(&passkey.passkey)?)
+        .bind(i64::from(passkey.backup_eligible))
+        .bind(to_millis(passkey.created_at))
+        .bind(passkey.last_used_at.map(to_millis))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a successful assertion: the updated credential (counter, backup state) and
+    /// when it was used.
+    pub async fn record_passkey_use(
+        &self,
+        id: Uuid,
+        passkey: &Passkey,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE passkeys SET passkey_json = $1, last_used_at = $2 WHERE id = $3")
+            .bind(to_json(passkey)?)
+            .bind(to_millis(now))
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    // -- ceremonies ------------------------------------------------------------------------
+
+    pub async fn insert_ceremony(&self, ceremony: &CeremonyRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO ceremonies (id, kind, user_id, change_id, change_digest, \
+             session_binding, state_json, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(ceremony.id.to_string())
+        .bind(ceremony.kind.as_str())
+        .bind(&ceremony.user_id)
+        .bind(ceremony.change_id.map(|id| id.to_string()))
+        .bind(&ceremony.change_digest)
+        .bind(&ceremony.session_binding)
+        .bind(&ceremony.state_json)
+        .bind(to_millis(ceremony.created_at))
+        .bind(to_millis(ceremony.expires_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Consumes a ceremony: deletes and returns it in one statement, so of two concurrent
+    /// finishes exactly one gets it. Only the user and session that started it can take it;
+    /// anyone else gets `None` and leaves it in place.
+    pub async fn take_ceremony(
+        &self,
+        id: Uuid,
+        kind: CeremonyKind,
+        user_id: &str,
+        session_binding: &str,
+    ) -> Result<Option<CeremonyRecord>, StoreError> {
+        let row = sqlx::query(
+            "DELETE FROM ceremonies WHERE id = $1 AND kind = $2 AND user_id = $3 \
+             AND session_binding = $4 \
+             RETURNING change_id, change_digest, state_json, created_at, expires_at",
+        )
+        .bind(id.to_string())
+        .bind(kind.as_str())
+        .bind(user_id)
+        .bind(session_binding)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(Some(CeremonyRecord {
+            id,
+            kind,
+            user_id: user_id.to_string(),
+            change_id: row
+                .try_get::<Option<String>, _>("change_id")?
+                .as_deref()
+                .map(parse_uuid)
+                .transpose()?,
+            change_digest: row.try_get("change_digest")?,
+            session_binding: session_binding.to_string(),
+            state_json: row.try_get("state_json")?,
+            created_at: from_millis(row.try_get("created_at")?),
+            expires_at: from_millis(row.try_get("expires_at")?),
+        }))
+    }
+
+    /// Removes ceremonies that can no longer be finished.
+    pub async fn delete_expired_ceremonies(&self, now: OffsetDateTime) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM ceremonies WHERE expires_at < $1")
+            .bind(to_millis(now))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    // -- changes ---------------------------------------------------------------------------
+
+    pub async fn insert_change(&self, change: &Change) -> Result<(), StoreError> {
+        let headers = serde_json::to_string(&change.headers)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        sqlx::query(&format!(
+            "INSERT INTO changes ({CHANGE_COLUMNS}, updated_at) VALUES \
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
+             $19, $20)"
+        ))
+        .bind(change.id.to_string())
+        .bind(&change.user_id)
+        .bind(&change.rule)
+        .bind(&change.method)
+        .bind(&change.path)
+        .bind(&change.query)
+        .bind(headers)
+        .bind(change.body.clone())
+        .bind(&change.digest)
+        .bind(&change.summary)
+        .bind(change.state.as_str())
+        .bind(duration_millis(change.cooling_off))
+        .bind(duration_millis(change.release_within))
+        .bind(to_millis(change.created_at))
+        .bind(to_millis(change.confirm_before))
+        .bind(change.confirmed_at.map(to_millis))
+        .bind(change.release_at.map(to_millis))
+        .bind(change.release_before.map(to_millis))
+        .bind(change.finished_at.map(to_millis))
+        .bind(to_millis(change.created_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn change(&self, id: Uuid) -> Result<Option<Change>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {CHANGE_COLUMNS} FROM changes WHERE id = $1"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(change_from_row).transpose()
+    }
+
+    /// The user's changes, newest first (at most `limit`).
+    pub async fn changes_of(&self, user_id: &str, limit: i64) -> Result<Vec<Change>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CHANGE_COLUMNS} FROM changes WHERE user_id = $1 \
+             ORDER BY created_at DESC, id DESC LIMIT $2"
+        ))
+        .bind(user_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(change_from_row).collect()
+    }
+
+    /// Applies a transition only if the change is still in `transition.from`. Returns whether
+    /// this call made the move; `false` means someone else moved it first.
+    pub async fn apply_transition(&self, id: Uuid, t: &Transition) -> Result<bool, StoreError> {
+        let finished_at = (!t.to.is_pending()).then_some(to_millis(t.at));
+        let done = sqlx::query(
+            "UPDATE changes SET state = $1, \
+             confirmed_at = COALESCE($2, confirmed_at), \
+             release_at = COALESCE($3, release_at), \
+             release_before = COALESCE($4, release_before), \
+             finished_at = COALESCE($5, finished_at), \
+             updated_at = $6 \
+             WHERE id = $7 AND state = $8",
+        )
+        .bind(t.to.as_str())
+        .bind(t.confirmed_at.map(to_millis))
+        .bind(t.release_at.map(to_millis))
+        .bind(t.release_before.map(to_millis))
+        .bind(finished_at)
+        .bind(to_millis(t.at))
+        .bind(id.to_string())
+        .bind(t.from.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+fn is_sqlite_memory(url: &str) -> bool {
+    url.contains(":memory:") || url.contains("mode=memory")
+}
+
+/// `sqlite://stepgate.db` should create the file on first start, as users expect.
+fn sqlite_url_creating_file(url: &str) -> String {
+    if is_sqlite_memory(url) || url.contains("mode=") {
+        url.to_string()
+    } else if url.contains('?') {
+        format!("{url}&mode=rwc")
+    } else {
+        format!("{url}?mode=rwc")
+    }
+}
+
+fn duration_millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn parse_uuid(text: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(text).map_err(|e| StoreError::Corrupt(format!("bad id {text}: {e}")))
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn millis_to_duration(ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+fn change_from_row(row: &AnyRow) -> Result<Change, StoreError> {
+    let state: String = row.try_get("state")?;
+    let headers: String = row.try_get("headers_json")?;
+    Ok(Change {
+        id: parse_uuid(&row.try_get::<String, _>("id")?)?,
+        user_id: row.try_get("user_id")?,
+        rule: row.try_get("rule_name")?,
+        method: row.try_get("method")?,
+        path: row.try_get("path")?,
+        query: row.try_get("query")?,
+        headers: serde_json::from_str(&headers)
+            .map_err(|e| StoreError::Corrupt(format!("headers_json: {e}")))?,
+        body: row.try_get("body")?,
+        digest: row.try_get("digest")?,
+        summary: row.try_get("summary")?,
+        state: State::parse(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown state {state}")))?,
+        cooling_off: millis_to_duration(row.try_get("cooling_off_ms")?),
+        release_within: millis_to_duration(row.try_get("release_within_ms")?),
+        created_at: from_millis(row.try_get("created_at")?),
+        confirm_before: from_millis(row.try_get("confirm_before")?),
+        confirmed_at: row
+            .try_get::<Option<i64>, _>("confirmed_at")?
+            .map(from_millis),
+        release_at: row
+            .try_get::<Option<i64>, _>("release_at")?
+            .map(from_millis),
+        release_before: row
+            .try_get::<Option<i64>, _>("release_before")?
+            .map(from_millis),
+        finished_at: row
+            .try_get::<Option<i64>, _>("finished_at")?
+            .map(from_millis),
+    })
+}
+
+fn passkey_from_row(row: &AnyRow) -> Result<PasskeyRecord, StoreError> {
+    let json: String = row.try_get("passkey_json")?;
+    Ok(PasskeyRecord {
+        id: parse_uuid(&row.try_get::<String, _>("id")?)?,
+        user_id: row.try_get("user_id")?,
+        credential_id: row.try_get("credential_id")?,
+        name: row.try_get("name")?,
+        passkey: serde_json::from_str(&json)
+            .map_err(|e| StoreError::Corrupt(format!("passkey_json: {e}")))?,
+        backup_eligible: row.try_get::<i64, _>("backup_eligible")? != 0,
+        created_at: from_millis(row.try_get("created_at")?),
+        last_used_at: row
+            .try_get::<Option<i64>, _>("last_used_at")?
+            .map(from_millis),
+    })
+}

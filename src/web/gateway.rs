@@ -1,0 +1,226 @@
+//! The proxy pipeline for every request that is not a gate page, in named steps: canonicalise
+//! the target → classify by method and path → (unprotected) stream through untouched, or
+//! (protected) identify the caller, read the body within the limit, then hold, release or
+//! pass through. Protected routes fail closed: any error answers, nothing is forwarded.
+
+use std::net::SocketAddr;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{ApiError, AppState};
+use crate::clock::rfc3339;
+use crate::error::GateError;
+use crate::policy::{canonical_path, decide, Decision, PathError};
+use crate::proxy::{Outgoing, STEPGATE_CHANGE};
+use crate::stepup::{Change, HeldRequest};
+
+/// The router's fallback: everything outside the gate's own routes comes here.
+pub async fn gateway(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    match handle(&state, peer, request).await {
+        Ok(response) => response,
+        Err(error) => ApiError(error).into_response_at(state.clock.now()),
+    }
+}
+
+async fn handle(
+    state: &AppState,
+    peer: SocketAddr,
+    request: Request,
+) -> Result<Response, GateError> {
+    let (parts, body) = request.into_parts();
+
+    // Only origin-form targets: an absolute-form target could name a host other than ours.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        return Err(GateError::InvalidPath(PathError::NotOriginForm));
+    }
+    let path = canonical_path(parts.uri.path()).map_err(GateError::InvalidPath)?;
+    // The gate's namespace is never forwarded, however it was spelled.
+    if path == "/_stepgate" || path.starts_with("/_stepgate/") {
+        return Err(GateError::NotFound);
+    }
+    let query = parts.uri.query();
+    let path_and_query = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let release_of = parts.headers.get(STEPGATE_CHANGE).cloned();
+    let candidates = state.config.rules.candidates(&parts.method, &path);
+
+    // The hot path: nothing protected here, stream both ways, no database.
+    if candidates.is_empty() && release_of.is_none() {
+        return Ok(state
+            .upstream
+            .forward(Outgoing {
+                method: parts.method,
+                path_and_query,
+                headers: parts.headers,
+                body,
+                client_ip: peer.ip(),
+                idempotency_key: None,
+            })
+            .await?);
+    }
+
+    let user = state
+        .config
+        .identity
+        .identify(&parts.headers, state.clock.now())
+        .map_err(GateError::Unauthenticated)?;
+    let body = read_limited(&parts.headers, body, state.config.limits.max_body_bytes).await?;
+    let held = HeldRequest {
+        method: parts.method.to_string(),
+        path: path.to_string(),
+        query: query.map(str::to_string),
+        content_type: single_content_type(&parts.headers)?,
+        headers: kept_headers(&parts.headers, state),
+        body: body.clone(),
+    };
+
+    if let Some(change_id) = release_of {
+        // A release: the identical request, with the change's id.
+        let change_id = change_id
+            .to_str()
+            .ok()
+            .and_then(|text| Uuid::parse_str(text.trim()).ok())
+            .ok_or(GateError::NotFound)?;
+        let change = state
+            .stepup
+            .release(&user, change_id, &held.digest())
+            .await?;
+        tracing::info!(change = %change.id, user = %user, rule = %change.rule, "releasing a confirmed change");
+        return Ok(state
+            .upstream
+            .forward(Outgoing {
+                method: parts.method,
+                path_and_query,
+                headers: parts.headers,
+                body: Body::from(body),
+                client_ip: peer.ip(),
+                idempotency_key: Some(change.id.to_string()),
+            })
+            .await?);
+    }
+
+    match decide(candidates, &body).map_err(|e| GateError::InvalidBody(e.0))? {
+        Decision::Hold(matched) => {
+            let change = state
+                .stepup
+                .hold(&user, matched.rule, &matched.params, held)
+                .await?;
+            tracing::info!(change = %change.id, user = %user, rule = %change.rule, "held a protected change");
+            Ok(step_up_required(state, &change))
+        }
+        // A protected route whose body the rules do not protect (for example removing a
+        // permission): forward the bytes we read, unchanged.
+        Decision::PassThrough => Ok(state
+            .upstream
+            .forward(Outgoing {
+                method: parts.method,
+                path_and_query,
+                headers: parts.headers,
+                body: Body::from(body),
+                client_ip: peer.ip(),
+                idempotency_key: None,
+            })
+            .await?),
+    }
+}
+
+/// Reads a protected route's body, refusing (413) beyond `limit` without reading further.
+async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, GateError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(GateError::BodyTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(GateError::BodyTooLarge { limit })
+        }
+        Err(error) => Err(GateError::BadRequest(format!(
+            "the request body could not be read: {error}"
+        ))),
+    }
+}
+
+/// Two `Content-Type` headers could be read differently by us and the upstream.
+fn single_content_type(headers: &HeaderMap) -> Result<Option<Vec<u8>>, GateError> {
+    let mut values = headers.get_all(header::CONTENT_TYPE).iter();
+    let first = values.next().map(|v| v.as_bytes().to_vec());
+    if values.next().is_some() {
+        return Err(GateError::BadRequest(
+            "the request has more than one Content-Type".into(),
+        ));
+    }
+    Ok(first)
+}
+
+/// The held request's headers worth keeping: end-to-end, meaningful to the upstream, and
+/// never credentials (cookies, tokens, the identity header) — the database should not become
+/// a store of session secrets.
+fn kept_headers(headers: &HeaderMap, state: &AppState) -> Vec<(String, String)> {
+    const NEVER_KEPT: [&str; 8] = [
+        "authorization",
+        "cookie",
+        "proxy-authorization",
+        "host",
+        "content-length",
+        "connection",
+        "transfer-encoding",
+        "stepgate-change",
+    ];
+    let identity_header = match &state.config.identity {
+        crate::identity::IdentitySettings::Header { header, .. } => Some(header.as_str()),
+        crate::identity::IdentitySettings::Jwt(_) => None,
+    };
+    headers
+        .iter()
+        .filter(|(name, _)| {
+            let name = name.as_str();
+            !NEVER_KEPT.contains(&name)
+                && Some(name) != identity_header
+                && !name.starts_with("x-forwarded-")
+                && !name.starts_with("stepgate-")
+        })
+        .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_string())))
+        .collect()
+}
+
+/// The hold answer: 403 with a `StepUp` challenge and where to confirm.
+fn step_up_required(state: &AppState, change: &Change) -> Response {
+    let confirm_url = state.confirm_url(change.id);
+    let body = json!({
+        "error": "step_up_required",
+        "message": "This change must be confirmed with your passkey and then waits out a cooling-off period.",
+        "change_id": change.id,
+        "confirm_url": confirm_url,
+        "summary": change.summary,
+        "cooling_off_seconds": change.cooling_off.as_secs(),
+        "confirm_before": rfc3339(change.confirm_before),
+    });
+    let mut response = (StatusCode::FORBIDDEN, Json(body)).into_response();
+    let challenge = format!(
+        "StepUp realm=\"stepgate\", error=\"step_up_required\", change_id=\"{}\"",
+        change.id
+    );
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&challenge) {
+        headers.insert(header::WWW_AUTHENTICATE, value);
+    }
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

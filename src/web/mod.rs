@@ -1,0 +1,195 @@
+//! The HTTP edge of the gate: shared state, the caller extractor, error answers (JSON for the
+//! API and the proxy, HTML for pages), the security headers of gate pages and the cross-site
+//! check on state-changing calls. Handlers in the submodules stay thin: HTTP in, one domain
+//! call, HTTP out.
+
+pub mod api;
+pub mod assets;
+pub mod gateway;
+pub mod pages;
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::{header, HeaderValue, Method, StatusCode};
+use serde_json::json;
+use tower_sessions::Session;
+
+use crate::clock::{rfc3339, Clock};
+use crate::config::Config;
+use crate::error::GateError;
+use crate::identity::UserId;
+use crate::proxy::Upstream;
+use crate::stepup::StepUp;
+
+/// Everything a handler needs, cheap to clone.
+#[derive(Clone)]
+pub struct AppState(pub Arc<AppInner>);
+
+pub struct AppInner {
+    pub config: Config,
+    pub stepup: StepUp,
+    pub upstream: Upstream,
+    pub clock: Arc<dyn Clock>,
+    /// `public_url` as an origin string (`http://localhost:8080`), for Origin checks.
+    pub public_origin: String,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn confirm_url(&self, id: uuid::Uuid) -> String {
+        format!("{}/_stepgate/changes/{id}", self.public_origin)
+    }
+}
+
+/// A gate error answered as JSON: `{"error": code, "message": sentence}`.
+pub struct ApiError(pub GateError);
+
+impl From<GateError> for ApiError {
+    fn from(error: GateError) -> Self {
+        ApiError(error)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let error = self.0;
+        let (status, code) = error.status_and_code();
+        log_error(&error, status);
+        let mut body = json!({ "error": code, "message": error.public_message() });
+        if let Some(release_at) = error.release_at() {
+            body["release_at"] = json!(rfc3339(release_at));
+        }
+        let mut response = (status, Json(body)).into_response();
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+}
+
+impl ApiError {
+    /// The JSON answer, plus `Retry-After` (whole seconds, rounded up, so a client that waits
+    /// exactly that long is not early) when the error says when to come back.
+    pub fn into_response_at(self, now: time::OffsetDateTime) -> Response {
+        let release_at = self.0.release_at();
+        let mut response = self.into_response();
+        if let Some(release_at) = release_at {
+            let wait = (release_at - now).as_seconds_f64().ceil().max(0.0) as u64;
+            if let Ok(value) = HeaderValue::from_str(&wait.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        response
+    }
+}
+
+fn log_error(error: &GateError, status: StatusCode) {
+    if status.is_server_error() {
+        tracing::error!(%status, error = %error, "request failed on the gate's or upstream's side");
+    } else {
+        tracing::debug!(%status, error = %error, "request refused");
+    }
+}
+
+/// The identified caller of a gate route. Missing or invalid identity: 401 JSON.
+pub struct Caller(pub UserId);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        state
+            .config
+            .identity
+            .identify(&parts.headers, state.clock.now())
+            .map(Caller)
+            .map_err(|e| ApiError(GateError::Unauthenticated(e)))
+    }
+}
+
+const SESSION_BINDING_KEY: &str = "ceremony_binding";
+
+/// The random value that ties ceremonies to this browser session: a ceremony can only be
+/// finished by the session that started it.
+pub async fn session_binding(session: &Session) -> Result<String, GateError> {
+    let existing: Option<String> = session
+        .get(SESSION_BINDING_KEY)
+        .await
+        .map_err(|e| GateError::Internal(format!("session: {e}")))?;
+    if let Some(binding) = existing {
+        return Ok(binding);
+    }
+    let binding = random_token();
+    session
+        .insert(SESSION_BINDING_KEY, &binding)
+        .await
+        .map_err(|e| GateError::Internal(format!("session: {e}")))?;
+    Ok(binding)
+}
+
+pub fn random_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    crate::identity::base64url(&bytes)
+}
+
+/// Gate pages and API answers: never cached, never framed, no inline script or style.
+pub async fn security_headers(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+             connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
+/// Refuses a state-changing call that a browser says came from another site.
+pub async fn same_origin_only(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let safe = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
+    if !safe {
+        let headers = request.headers();
+        let foreign_origin = headers
+            .get(header::ORIGIN)
+            .is_some_and(|origin| origin.as_bytes() != state.public_origin.as_bytes());
+        let cross_site = headers
+            .get("sec-fetch-site")
+            .is_some_and(|site| site.as_bytes() == b"cross-site");
+        if foreign_origin || cross_site {
+            return ApiError(GateError::CrossOrigin).into_response();
+        }
+    }
+    next.run(request).await
+}

@@ -1,0 +1,203 @@
+//! The gate's pages: the passkeys page, the list of changes and the confirm page. Everything a
+//! user is asked to confirm is rendered from the stored request, never from client text.
+//! Errors are shown as a sentence on a page, never as raw JSON.
+
+use askama::Template;
+use axum::extract::{Path, State};
+use axum::response::{Html, IntoResponse, Response};
+use http::StatusCode;
+use uuid::Uuid;
+
+use super::{ApiError, AppState, Caller};
+use crate::clock::rfc3339;
+use crate::error::GateError;
+use crate::stepup::{Change, State as ChangeState};
+
+/// A page-rendering error shown as a page with the same status code.
+pub struct PageError(pub GateError);
+
+impl From<GateError> for PageError {
+    fn from(error: GateError) -> Self {
+        PageError(error)
+    }
+}
+
+impl From<ApiError> for PageError {
+    fn from(error: ApiError) -> Self {
+        PageError(error.0)
+    }
+}
+
+#[derive(Template)]
+#[template(path = "error.html")]
+struct ErrorPage {
+    title: &'static str,
+    message: String,
+}
+
+impl IntoResponse for PageError {
+    fn into_response(self) -> Response {
+        let (status, _) = self.0.status_and_code();
+        let title = match status {
+            StatusCode::UNAUTHORIZED => "Please sign in to the exchange first",
+            StatusCode::NOT_FOUND => "Not found",
+            s if s.is_server_error() => "Something went wrong on our side",
+            _ => "This cannot be done",
+        };
+        let page = ErrorPage {
+            title,
+            message: self.0.public_message(),
+        };
+        (status, render(&page)).into_response()
+    }
+}
+
+fn render<T: Template>(page: &T) -> Response {
+    match page.render() {
+        Ok(html) => Html(html).into_response(),
+        Err(error) => {
+            tracing::error!(%error, "template failed to render");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the page could not be shown",
+            )
+                .into_response()
+        }
+    }
+}
+
+/// A change as the pages show it.
+pub struct ChangeView {
+    pub id: String,
+    pub summary: String,
+    pub state: &'static str,
+    pub state_words: &'static str,
+    pub method: String,
+    pub target: String,
+    pub body: String,
+    pub created_at: String,
+    pub confirm_before: String,
+    pub release_at: Option<String>,
+    pub can_confirm: bool,
+    pub can_cancel: bool,
+    pub cooling_off_words: String,
+}
+
+impl ChangeView {
+    fn from_change(change: &Change) -> Self {
+        let target = match &change.query {
+            Some(q) => format!("{}?{}", change.path, q),
+            None => change.path.clone(),
+        };
+        Self {
+            id: change.id.to_string(),
+            summary: change.summary.clone(),
+            state: change.state.as_str(),
+            state_words: match change.state {
+                ChangeState::Held => "Waiting for your confirmation",
+                ChangeState::CoolingOff => "Confirmed, cooling off",
+                ChangeState::Applied => "Applied",
+                ChangeState::Cancelled => "Cancelled",
+                ChangeState::Expired => "Expired",
+            },
+            method: change.method.clone(),
+            target,
+            body: pretty_body(&change.body),
+            created_at: rfc3339(change.created_at),
+            confirm_before: rfc3339(change.confirm_before),
+            release_at: change.release_at.map(rfc3339),
+            can_confirm: change.state == ChangeState::Held,
+            can_cancel: change.state.is_pending(),
+            cooling_off_words: humantime::format_duration(change.cooling_off).to_string(),
+        }
+    }
+}
+
+/// The stored body, pretty-printed when it is JSON; shown escaped by the template.
+fn pretty_body(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())
+}
+
+#[derive(Template)]
+#[template(path = "change.html")]
+struct ChangePage {
+    user: String,
+    change: ChangeView,
+}
+
+pub async fn change_page(
+    State(state): State<AppState>,
+    caller: Result<Caller, ApiError>,
+    Path(id): Path<String>,
+) -> Result<Response, PageError> {
+    let Caller(user) = caller?;
+    let id = Uuid::parse_str(&id).map_err(|_| GateError::NotFound)?;
+    let change = state.stepup.get(&user, id).await?;
+    Ok(render(&ChangePage {
+        user: user.to_string(),
+        change: ChangeView::from_change(&change),
+    }))
+}
+
+#[derive(Template)]
+#[template(path = "changes.html")]
+struct ChangesPage {
+    user: String,
+    changes: Vec<ChangeView>,
+}
+
+pub async fn changes_page(
+    State(state): State<AppState>,
+    caller: Result<Caller, ApiError>,
+) -> Result<Response, PageError> {
+    let Caller(user) = caller?;
+    let changes = state.stepup.list(&user).await?;
+    Ok(render(&ChangesPage {
+        user: user.to_string(),
+        changes: changes.iter().map(ChangeView::from_change).collect(),
+    }))
+}
+
+pub struct PasskeyView {
+    pub name: String,
+    pub created_at: String,
+    pub last_used_at: String,
+    pub kind: &'static str,
+}
+
+#[derive(Template)]
+#[template(path = "passkeys.html")]
+struct PasskeysPage {
+    user: String,
+    passkeys: Vec<PasskeyView>,
+}
+
+pub async fn passkeys_page(
+    State(state): State<AppState>,
+    caller: Result<Caller, ApiError>,
+) -> Result<Response, PageError> {
+    let Caller(user) = caller?;
+    let passkeys = state.stepup.passkeys().list(&user).await?;
+    Ok(render(&PasskeysPage {
+        user: user.to_string(),
+        passkeys: passkeys
+            .iter()
+            .map(|p| PasskeyView {
+                name: p.name.clone(),
+                created_at: rfc3339(p.created_at),
+                last_used_at: p
+                    .last_used_at
+                    .map(rfc3339)
+                    .unwrap_or_else(|| "never".into()),
+                kind: if p.backup_eligible {
+                    "synced (can be copied to your other devices)"
+                } else {
+                    "bound to one device"
+                },
+            })
+            .collect(),
+    }))
+}
