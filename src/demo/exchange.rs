@@ -522,7 +522,7 @@ fn unauthorized() -> Response {
 
 /// Refuses bodies that are not declared JSON: besides being honest, it keeps plain HTML forms
 /// on other sites from posting here (they cannot send `application/json`).
-fn require_json(headers: &HeaderMap) -> Result<(), Response> {
+fn require_json(headers: &HeaderMap) -> Result<(), Reply> {
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -535,19 +535,16 @@ fn require_json(headers: &HeaderMap) -> Result<(), Response> {
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             "send the body as application/json",
-        )
-        .into_response())
+        ))
     }
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Response> {
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Reply> {
     let mut values = headers.get_all("idempotency-key").iter();
     let Some(first) = values.next() else {
         return Ok(None);
     };
-    let bad = |why: &str| {
-        Reply::error(StatusCode::BAD_REQUEST, "invalid_idempotency_key", why).into_response()
-    };
+    let bad = |why: &str| Reply::error(StatusCode::BAD_REQUEST, "invalid_idempotency_key", why);
     if values.next().is_some() {
         return Err(bad("send Idempotency-Key once"));
     }
@@ -598,12 +595,12 @@ async fn create_key(State(exchange): State<Exchange>, headers: HeaderMap, body: 
     let Some(user) = exchange.session_user(&headers) else {
         return unauthorized();
     };
-    if let Err(response) = require_json(&headers) {
-        return response;
+    if let Err(reply) = require_json(&headers) {
+        return reply.into_response();
     }
     let idempotency_key = match idempotency_key(&headers) {
         Ok(key) => key,
-        Err(response) => return response,
+        Err(reply) => return reply.into_response(),
     };
     let request: CreateKey = match serde_json::from_slice(&body) {
         Ok(request) => request,
@@ -655,12 +652,12 @@ async fn update_key(
     let Some(user) = exchange.session_user(&headers) else {
         return unauthorized();
     };
-    if let Err(response) = require_json(&headers) {
-        return response;
+    if let Err(reply) = require_json(&headers) {
+        return reply.into_response();
     }
     let idempotency_key = match idempotency_key(&headers) {
         Ok(key) => key,
-        Err(response) => return response,
+        Err(reply) => return reply.into_response(),
     };
     let request: UpdateKey = match serde_json::from_slice(&body) {
         Ok(request) => request,

@@ -55,6 +55,15 @@ pub struct RunningDemo {
 
 /// Starts the demo exchange and the gate; returns once both are listening.
 pub async fn start(options: DemoOptions) -> anyhow::Result<RunningDemo> {
+    start_with_clock(options, Arc::new(SystemClock)).await
+}
+
+/// [`start`] with the time source as a parameter, so tests can move through a cooling-off
+/// instead of sleeping through it.
+async fn start_with_clock(
+    options: DemoOptions,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<RunningDemo> {
     let exchange_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .await
         .context("cannot open a local port for the demo exchange")?;
@@ -78,7 +87,6 @@ pub async fn start(options: DemoOptions) -> anyhow::Result<RunningDemo> {
     let config = Config::from_toml_str(&config_text, "stepgate demo configuration", &[])
         .context("the built-in demo configuration was refused")?;
 
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let exchange_app = exchange::router(&secret, clock.clone());
     let exchange_task =
         tokio::spawn(async move { axum::serve(exchange_listener, exchange_app).await });
@@ -188,7 +196,7 @@ fn config_duration(duration: Duration) -> String {
 fn describe_duration(duration: Duration) -> String {
     let seconds = duration.as_secs();
     let plural = |n: u64, unit: &str| format!("{n} {unit}{}", if n == 1 { "" } else { "s" });
-    if seconds >= 60 && seconds % 60 == 0 {
+    if seconds >= 60 && seconds.is_multiple_of(60) {
         plural(seconds / 60, "minute")
     } else if seconds == 0 {
         format!("{} ms", duration.as_millis())
@@ -357,6 +365,165 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(keys["keys"][0]["permissions"], serde_json::json!(["read"]));
+    }
+
+    /// The walkthrough the demo prints, done by a program: log in at the exchange, register a
+    /// soft passkey at the gate, get the change held, confirm it, wait out the cooling-off on
+    /// a manual clock, finish. Proves the exchange and the gate agree on sessions, and that the
+    /// release reaches the exchange with the user's cookie, once.
+    #[tokio::test]
+    async fn the_whole_walkthrough_works_end_to_end() {
+        use crate::clock::ManualClock;
+        use serde_json::{json, Value};
+        use webauthn_authenticator_rs::softpasskey::SoftPasskey;
+        use webauthn_authenticator_rs::WebauthnAuthenticator;
+        use webauthn_rs::prelude::{CreationChallengeResponse, RequestChallengeResponse, Url};
+
+        let clock = ManualClock::starting_now();
+        let cooling_off = Duration::from_secs(120);
+        let demo = start_with_clock(
+            DemoOptions {
+                port: 0,
+                cooling_off,
+            },
+            Arc::new(clock.clone()),
+        )
+        .await
+        .unwrap();
+        let base = format!("http://{}", demo.gate_addr);
+        let origin = Url::parse(&demo.gate_url).unwrap();
+        let client = reqwest::Client::builder()
+            .cookie_store(true)
+            .build()
+            .unwrap();
+        let mut passkey = SoftPasskey::new(true);
+
+        // 1. Log in at the exchange (through the gate).
+        let login = client
+            .post(format!("{base}/login"))
+            .form(&[("name", "walker")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(login.status(), 200);
+
+        // 2. Register a passkey at the gate, which knows the user from the exchange's cookie.
+        let options: Value = client
+            .post(format!("{base}/_stepgate/api/passkeys/register/start"))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let creation: CreationChallengeResponse = serde_json::from_value(options.clone()).unwrap();
+        let credential = passkey.do_registration(origin.clone(), creation).unwrap();
+        let registered = client
+            .post(format!("{base}/_stepgate/api/passkeys/register/finish"))
+            .json(&json!({
+                "ceremony_id": options["ceremony_id"],
+                "credential": credential,
+                "name": "Demo key",
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(registered.status(), 200);
+
+        // 3. Tick withdraw and save: held.
+        let keys: Value = client
+            .get(format!("{base}/api/v1/api-keys"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let key_id = keys["keys"][0]["id"].as_str().unwrap().to_string();
+        let url = format!("{base}/api/v1/api-keys/{key_id}");
+        let body = r#"{"permissions":["read","trade","withdraw"]}"#;
+        let put = |change: Option<&str>| {
+            let mut request = client
+                .put(&url)
+                .header("content-type", "application/json")
+                .body(body);
+            if let Some(change) = change {
+                request = request.header("stepgate-change", change);
+            }
+            request.send()
+        };
+        let held: Value = put(None).await.unwrap().json().await.unwrap();
+        assert_eq!(held["error"], "step_up_required", "{held}");
+        assert_eq!(
+            held["summary"],
+            format!("Enable withdrawals on API key {key_id}")
+        );
+        assert_eq!(held["cooling_off_seconds"], 120);
+        let change_id = held["change_id"].as_str().unwrap().to_string();
+
+        // Finishing before confirming is refused.
+        let early = put(Some(&change_id)).await.unwrap();
+        assert_eq!(early.status(), 403);
+        let early: Value = early.json().await.unwrap();
+        assert_eq!(early["error"], "not_confirmed");
+
+        // 4. Confirm with the passkey.
+        let options: Value = client
+            .post(format!(
+                "{base}/_stepgate/api/changes/{change_id}/confirm/start"
+            ))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let request: RequestChallengeResponse = serde_json::from_value(options.clone()).unwrap();
+        let assertion = passkey.do_authentication(origin, request).unwrap();
+        let confirmed: Value = client
+            .post(format!(
+                "{base}/_stepgate/api/changes/{change_id}/confirm/finish"
+            ))
+            .json(&json!({"ceremony_id": options["ceremony_id"], "credential": assertion}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(confirmed["state"], "cooling_off", "{confirmed}");
+
+        // 5. Still cooling off.
+        let cooling = put(Some(&change_id)).await.unwrap();
+        assert_eq!(cooling.status(), 403);
+        assert!(cooling.headers().contains_key("retry-after"));
+        let cooling: Value = cooling.json().await.unwrap();
+        assert_eq!(cooling["error"], "cooling_off");
+        assert!(cooling["release_at"].is_string());
+
+        // 6. After the cooling-off, "Finish the change" goes through, once.
+        clock.advance(cooling_off);
+        let finished = put(Some(&change_id)).await.unwrap();
+        assert_eq!(finished.status(), 200);
+        let key: Value = finished.json().await.unwrap();
+        assert_eq!(key["permissions"], json!(["read", "trade", "withdraw"]));
+        let again = put(Some(&change_id)).await.unwrap();
+        assert_eq!(again.status(), 409);
+
+        let keys: Value = client
+            .get(format!("{base}/api/v1/api-keys"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            keys["keys"][0]["permissions"],
+            json!(["read", "trade", "withdraw"])
+        );
     }
 
     #[tokio::test]

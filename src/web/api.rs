@@ -10,7 +10,7 @@ use tower_sessions::Session;
 use uuid::Uuid;
 use webauthn_rs::prelude::{PublicKeyCredential, RegisterPublicKeyCredential};
 
-use super::{session_binding, ApiError, AppState, Caller};
+use super::{session_binding, ApiError, AppState, Caller, JsonBody};
 use crate::clock::rfc3339;
 use crate::error::GateError;
 use crate::stepup::Change;
@@ -72,7 +72,7 @@ pub async fn register_finish(
     State(state): State<AppState>,
     Caller(user): Caller,
     session: Session,
-    Json(request): Json<RegisterFinish>,
+    JsonBody(request): JsonBody<RegisterFinish>,
 ) -> Result<Response, ApiError> {
     let binding = session_binding(&session).await?;
     let passkey = state
@@ -140,7 +140,7 @@ pub async fn confirm_finish(
     Caller(user): Caller,
     session: Session,
     Path(id): Path<String>,
-    Json(request): Json<ConfirmFinish>,
+    JsonBody(request): JsonBody<ConfirmFinish>,
 ) -> Result<Response, ApiError> {
     let binding = session_binding(&session).await?;
     let change = state

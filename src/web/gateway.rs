@@ -59,17 +59,7 @@ async fn handle(
 
     // The hot path: nothing protected here, stream both ways, no database.
     if candidates.is_empty() && release_of.is_none() {
-        return Ok(state
-            .upstream
-            .forward(Outgoing {
-                method: parts.method,
-                path_and_query,
-                headers: parts.headers,
-                body,
-                client_ip: peer.ip(),
-                idempotency_key: None,
-            })
-            .await?);
+        return forward(state, parts, path_and_query, body, peer, None).await;
     }
 
     let user = state
@@ -99,17 +89,16 @@ async fn handle(
             .release(&user, change_id, &held.digest())
             .await?;
         tracing::info!(change = %change.id, user = %user, rule = %change.rule, "releasing a confirmed change");
-        return Ok(state
-            .upstream
-            .forward(Outgoing {
-                method: parts.method,
-                path_and_query,
-                headers: parts.headers,
-                body: Body::from(body),
-                client_ip: peer.ip(),
-                idempotency_key: Some(change.id.to_string()),
-            })
-            .await?);
+        let idempotency_key = Some(change.id.to_string());
+        return forward(
+            state,
+            parts,
+            path_and_query,
+            Body::from(body),
+            peer,
+            idempotency_key,
+        )
+        .await;
     }
 
     match decide(candidates, &body).map_err(|e| GateError::InvalidBody(e.0))? {
@@ -123,18 +112,29 @@ async fn handle(
         }
         // A protected route whose body the rules do not protect (for example removing a
         // permission): forward the bytes we read, unchanged.
-        Decision::PassThrough => Ok(state
-            .upstream
-            .forward(Outgoing {
-                method: parts.method,
-                path_and_query,
-                headers: parts.headers,
-                body: Body::from(body),
-                client_ip: peer.ip(),
-                idempotency_key: None,
-            })
-            .await?),
+        Decision::PassThrough => {
+            forward(state, parts, path_and_query, Body::from(body), peer, None).await
+        }
     }
+}
+
+async fn forward(
+    state: &AppState,
+    parts: http::request::Parts,
+    path_and_query: String,
+    body: Body,
+    peer: SocketAddr,
+    idempotency_key: Option<String>,
+) -> Result<Response, GateError> {
+    let outgoing = Outgoing {
+        method: parts.method,
+        path_and_query,
+        headers: parts.headers,
+        body,
+        client_ip: peer.ip(),
+        idempotency_key,
+    };
+    Ok(state.upstream.forward(outgoing).await?)
 }
 
 /// Reads a protected route's body, refusing (413) beyond `limit` without reading further.

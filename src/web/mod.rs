@@ -10,7 +10,7 @@ pub mod pages;
 
 use std::sync::Arc;
 
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -115,6 +115,24 @@ impl FromRequestParts<AppState> for Caller {
             .identify(&parts.headers, state.clock.now())
             .map(Caller)
             .map_err(|e| ApiError(GateError::Unauthenticated(e)))
+    }
+}
+
+/// A JSON request body whose rejection is a gate error (400 JSON), not axum's plain text.
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(JsonBody(value)),
+            Err(rejection) => Err(ApiError(GateError::BadRequest(rejection.body_text()))),
+        }
     }
 }
 

@@ -35,7 +35,9 @@ async fn a_held_change_is_described_in_the_403_and_never_reaches_the_exchange() 
         "confirm_before is the hold time plus confirm_within (10m)",
     );
 
-    // PATCH is covered by the same rule; each hold is its own change.
+    // PATCH is covered by the same rule; each hold is its own change. (A second later, so
+    // "newest first" has a newest.)
+    app.clock.advance(Duration::from_secs(1));
     let patch = ApiRequest::json(
         Method::PATCH,
         "/api/v1/api-keys/k2",

@@ -64,8 +64,6 @@ async fn without_identity_protected_routes_and_gate_pages_are_401_but_other_traf
     for (method, path) in [
         (Method::GET, "/_stepgate/api/changes".to_string()),
         (Method::GET, format!("/_stepgate/api/changes/{id}")),
-        (Method::GET, "/_stepgate/passkeys".to_string()),
-        (Method::GET, format!("/_stepgate/changes/{id}")),
         (
             Method::POST,
             "/_stepgate/api/passkeys/register/start".to_string(),
@@ -99,6 +97,24 @@ async fn without_identity_protected_routes_and_gate_pages_are_401_but_other_traf
     let received = app.upstream.received();
     assert_eq!(received.len(), 1);
     assert_eq!(received[0].path_and_query, "/api/v1/markets?pair=BTC-EUR");
+}
+
+#[tokio::test]
+async fn gate_pages_without_identity_are_401_json() {
+    let app = spawn_app().await;
+    let client = app.anonymous();
+    let id = uuid::Uuid::new_v4();
+    for path in [
+        "/_stepgate/passkeys".to_string(),
+        format!("/_stepgate/changes/{id}"),
+    ] {
+        let response = client
+            .get(app.url(&path))
+            .send()
+            .await
+            .expect("send the page request");
+        expect_error(response, StatusCode::UNAUTHORIZED, "unauthenticated").await;
+    }
 }
 
 #[tokio::test]
