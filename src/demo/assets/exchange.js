@@ -71,6 +71,24 @@
     return minutes + ':' + String(rest).padStart(2, '0');
   }
 
+  function humanDuration(seconds) {
+    seconds = Math.max(0, Math.round(seconds));
+    const units = [
+      [3600, 'hour'],
+      [60, 'minute'],
+      [1, 'second'],
+    ];
+    const parts = [];
+    for (const [size, name] of units) {
+      const count = Math.floor(seconds / size);
+      seconds -= count * size;
+      if (count > 0) {
+        parts.push(count + ' ' + name + (count === 1 ? '' : 's'));
+      }
+    }
+    return parts.length ? parts.join(' ') : '0 seconds';
+  }
+
   function newIdempotencyKey() {
     if (window.crypto && typeof window.crypto.randomUUID === 'function') {
       return window.crypto.randomUUID();
@@ -209,8 +227,8 @@
     }
     if (typeof pending.coolingOffSeconds === 'number') {
       parts.push(
-        'After you confirm, the change waits ' + formatDuration(pending.coolingOffSeconds) +
-          ' (minutes:seconds) before it can be finished; you can cancel it at any time until then.'
+        'After you confirm, the change waits ' + humanDuration(pending.coolingOffSeconds) +
+          ' before it can be finished; you can cancel it at any time until then.'
       );
     }
     timing.textContent = parts.join(' ');

@@ -1,0 +1,359 @@
+//! The store conformance suite: every test runs once on SQLite and once on PostgreSQL, each on
+//! a fresh database, so the two backends cannot drift apart. The guarantees checked here are
+//! the ones the gate's correctness rests on: a ceremony is taken once, a transition is applied
+//! once, a credential id is unique, and what is written reads back exactly.
+
+#[path = "../common/testdb.rs"]
+mod testdb;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use stepgate::clock::{Clock, ManualClock};
+use stepgate::stepup::state::transition;
+use stepgate::stepup::{Change, Event, State};
+use stepgate::store::sessions::DbSessionStore;
+use stepgate::store::{CeremonyKind, CeremonyRecord, PasskeyRecord, Store, StoreError};
+use testdb::{Backend, TestDb};
+use time::OffsetDateTime;
+use tower_sessions::session::{Id, Record};
+use tower_sessions::SessionStore;
+use uuid::Uuid;
+use webauthn_authenticator_rs::softpasskey::SoftPasskey;
+use webauthn_authenticator_rs::WebauthnAuthenticator;
+use webauthn_rs::prelude::{Passkey, Url};
+use webauthn_rs::WebauthnBuilder;
+
+/// Runs each listed test on both backends.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Sqlite).await } )*
+        }
+        mod postgres {
+            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Postgres).await } )*
+        }
+    };
+}
+
+on_both_backends!(
+    user_handles_are_stable_and_distinct,
+    credential_ids_are_unique_across_users,
+    ceremonies_are_taken_once_by_their_owner_only,
+    changes_round_trip_exactly,
+    a_transition_is_applied_once_under_contention,
+    changes_are_listed_newest_first_per_user,
+    expired_ceremonies_are_removed,
+    sessions_are_saved_loaded_and_expire,
+    passkey_use_is_recorded,
+);
+
+async fn store(backend: Backend) -> Option<(Store, TestDb)> {
+    let db = TestDb::new(backend).await?;
+    let store = Store::connect(&db.url).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    Some((store, db))
+}
+
+fn now() -> OffsetDateTime {
+    ManualClock::starting_now().now()
+}
+
+fn make_passkey() -> Passkey {
+    let origin = Url::parse("http://localhost:8080").expect("origin");
+    let webauthn = WebauthnBuilder::new("localhost", &origin)
+        .expect("builder")
+        .build()
+        .expect("webauthn");
+    let (challenge, state) = webauthn
+        .start_passkey_registration(Uuid::new_v4(), "u", "u", None)
+        .expect("start");
+    let mut authenticator = SoftPasskey::new(true);
+    let credential = authenticator
+        .do_registration(origin, challenge)
+        .expect("register");
+    webauthn
+        .finish_passkey_registration(&credential, &state)
+        .expect("finish")
+}
+
+fn passkey_record(user: &str, passkey: Passkey, credential_id: &str) -> PasskeyRecord {
+    PasskeyRecord {
+        id: Uuid::new_v4(),
+        user_id: user.to_string(),
+        credential_id: credential_id.to_string(),
+        name: "key".into(),
+        passkey,
+        backup_eligible: false,
+        created_at: now(),
+        last_used_at: None,
+    }
+}
+
+fn held_change(user: &str, at: OffsetDateTime) -> Change {
+    Change {
+        id: Uuid::new_v4(),
+        user_id: user.into(),
+        rule: "enable-withdrawals".into(),
+        method: "PUT".into(),
+        path: "/api/v1/api-keys/k1".into(),
+        query: Some("a=1&b=%20".into()),
+        headers: vec![("content-type".into(), "application/json".into())],
+        // Bytes that are not UTF-8 must survive too.
+        body: vec![b'{', 0xff, 0x00, b'}'],
+        digest: "abc".into(),
+        summary: "Enable withdrawals on API key k1".into(),
+        state: State::Held,
+        cooling_off: Duration::from_secs(86_400),
+        release_within: Duration::from_secs(7 * 86_400),
+        created_at: at,
+        confirm_before: at + Duration::from_secs(600),
+        confirmed_at: None,
+        release_at: None,
+        release_before: None,
+        finished_at: None,
+    }
+}
+
+fn ceremony(user: &str, binding: &str, at: OffsetDateTime) -> CeremonyRecord {
+    CeremonyRecord {
+        id: Uuid::new_v4(),
+        kind: CeremonyKind::Confirm,
+        user_id: user.into(),
+        change_id: Some(Uuid::new_v4()),
+        change_digest: Some("digest".into()),
+        session_binding: binding.into(),
+        state_json: "{\"s\":1}".into(),
+        created_at: at,
+        expires_at: at + Duration::from_secs(300),
+    }
+}
+
+async fn user_handles_are_stable_and_distinct(backend: Backend) {
+    let Some((store, _db)) = store(backend).await else {
+        return;
+    };
+    let alice = store.user_handle("alice", now()).await.expect("alice");
+    assert_eq!(
+        store.user_handle("alice", now()).await.expect("again"),
+        alice
+    );
+    assert_ne!(store.user_handle("bob", now()).await.expect("bob"), alice);
+}
+
+async fn credential_ids_are_unique_across_users(backend: Backend) {
+    let Some((store, _db)) = store(backend).await else {
+        return;
+    };
+    store.user_handle("alice", now()).await.expect("alice");
+    store.user_handle("bob", now()).await.expect("bob");
+    let passkey = make_passkey();
+    store
+        .insert_passkey(&passkey_record("alice", passkey.clone(), "cred-1"))
+        .await
+        .expect("first registration");
+    let second = store
+        .insert_passkey(&passkey_record("bob", passkey, "cred-1"))
+        .await;
+    assert!(matches!(second, Err(StoreError::Duplicate)), "{second:?}");
+    assert_eq!(store.passkeys_of("alice").await.expect("list").len(), 1);
+    assert!(store.passkeys_of("bob").await.expect("list").is_empty());
+}
+
+async fn ceremonies_are_taken_once_by_their_owner_only(backend: Backend) {
+    let Some((store, _db)) = store(backend).await else {
+        return;
+    };
+    let record = ceremony("alice", "session-a", now());
+    store.insert_ceremony(&record).await.expect("insert");
+    let kind = CeremonyKind::Confirm;
+    // Another user, another session or another kind cannot take it, and it stays.
+    assert!(store
+        .take_ceremony(record.id, kind, "bob", "session-a")
+        .await
+        .expect("bob")
+        .is_none());
+    assert!(store
+        .take_ceremony(record.id, kind, "alice", "session-b")
+        .await
+        .expect("b")
+        .is_none());
+    assert!(store
+        .take_ceremony(record.id, CeremonyKind::Register, "alice", "session-a")
+        .await
+        .expect("kind")
+        .is_none());
+    // Concurrent takes by the owner: exactly one gets it.
+    let takes = (0..16).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .take_ceremony(record.id, kind, "alice", "session-a")
+                .await
+        })
+    });
+    let mut taken = Vec::new();
+    for take in takes {
+        if let Some(c) = take.await.expect("join").expect("take") {
+            taken.push(c);
+        }
+    }
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].state_json, record.state_json);
+    assert_eq!(taken[0].change_id, record.change_id);
+    assert_eq!(taken[0].change_digest.as_deref(), Some("digest"));
+}
+
+async fn changes_round_trip_exactly(backend: Backend) {
+    let Some((store, _db)) = store(backend).await else {
+        return;
+    };
+    let change = held_change("alice", now());
+    store.insert_change(&change).await.expect("insert");
+    let read = store
+        .change(change.id)
+        .await
+        .expect("read")
+        .expect("present");
+    assert_eq!(read.body, change.body);
+    assert_eq!(read.query, change.query);
+    assert_eq!(read.headers, change.headers);
+    assert_eq!(read.state, State::Held);
+    assert_eq!(read.created_at, change.created_at);
+    assert_eq!(read.confirm_before, change.confirm_before);
+    assert_eq!(read.cooling_off, change.cooling_off);
+    assert_eq!(read.release_within, change.release_within);
+    assert_eq!(read.release_at, None);
+    assert!(store.change(Uuid::new_v4()).await.expect("read").is_none());
+}
+
+async fn a_transition_is_applied_once_under_contention(backend: Backend) {
+    let Some((store, _db)) = store(backend).await else {
+        return;
+    };
+    let t0 = now();
+    let change = held_change("alice", t0);
+    store.insert_change(&change).await.expect("insert");
+    let confirm = transition(&change, Event::Confirm, t0).expect("confirm");
+    let attempts = (0..32).map(|_| {
+        let store = store.clone();
+        let confirm = confirm.clone();
+        tokio::spawn(async move { store.apply_transition(change.id, &confirm).await })
+    });
+    let mut wins = 0;
+    for attempt in attempts {
+        if attempt.await.expect("join").expect("apply") {
+            wins += 1;
+        }
+    }
+    assert_eq!(wins, 1);
+    let read = store
+        .change(change.id)
+        .await
+        .expect("read")
+        .expect("present");
+    assert_eq!(read.state, State::CoolingOff);
+    assert_eq!(read.confirmed_at, Some(t0));
+    assert_eq!(read.release_at, Some(t0 + Duration::from_secs(86_400)));
+    // A transition from a state the row is no longer in does nothing.
+    assert!(!store
+        .apply_transition(change.id, &confirm)
+        .await
+        .expect("stale"));
+}
+
+async fn changes_are_listed_newest_first_per_user(backend: Backend) {
+    let Some((store, _db)) = store(backend).await else {
+        return;
+    };
+    let t0 = now();
+    let older = held_change("alice", t0);
+    let newer = held_change("alice", t0 + Duration::from_secs(5));
+    let other = held_change("bob", t0 + Duration::from_secs(10));
+    for change in [&older, &newer, &other] {
+        store.insert_change(change).await.expect("insert");
+    }
+    let listed: Vec<Uuid> = store
+        .changes_of("alice", 100)
+        .await
+        .expect("list")
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(listed, vec![newer.id, older.id]);
+    assert_eq!(store.changes_of("alice", 1).await.expect("list").len(), 1);
+}
+
+async fn expired_ceremonies_are_removed(backend: Backend) {
+    let Some((store, _db)) = store(backend).await else {
+        return;
+    };
+    let t0 = now();
+    let record = ceremony("alice", "s", t0);
+    store.insert_ceremony(&record).await.expect("insert");
+    assert_eq!(store.delete_expired_ceremonies(t0).await.expect("sweep"), 0);
+    let later = t0 + Duration::from_secs(301);
+    assert_eq!(
+        store.delete_expired_ceremonies(later).await.expect("sweep"),
+        1
+    );
+    let taken = store
+        .take_ceremony(record.id, CeremonyKind::Confirm, "alice", "s")
+        .await
+        .expect("take");
+    assert!(taken.is_none());
+}
+
+async fn sessions_are_saved_loaded_and_expire(backend: Backend) {
+    let Some((store, _db)) = store(backend).await else {
+        return;
+    };
+    let clock = ManualClock::starting_now();
+    let sessions = DbSessionStore::new(store, Arc::new(clock.clone()));
+    let mut record = Record {
+        id: Id::default(),
+        data: Default::default(),
+        expiry_date: clock.now() + Duration::from_secs(3600),
+    };
+    record
+        .data
+        .insert("ceremony_binding".into(), serde_json::json!("b1"));
+    sessions.create(&mut record).await.expect("create");
+    let loaded = sessions
+        .load(&record.id)
+        .await
+        .expect("load")
+        .expect("present");
+    assert_eq!(loaded.data, record.data);
+    record
+        .data
+        .insert("ceremony_binding".into(), serde_json::json!("b2"));
+    sessions.save(&record).await.expect("save");
+    let loaded = sessions
+        .load(&record.id)
+        .await
+        .expect("load")
+        .expect("present");
+    assert_eq!(loaded.data["ceremony_binding"], "b2");
+    clock.advance(Duration::from_secs(3601));
+    assert!(sessions.load(&record.id).await.expect("load").is_none());
+    sessions.delete(&record.id).await.expect("delete");
+}
+
+async fn passkey_use_is_recorded(backend: Backend) {
+    let Some((store, _db)) = store(backend).await else {
+        return;
+    };
+    store.user_handle("alice", now()).await.expect("user");
+    let record = passkey_record("alice", make_passkey(), "cred-x");
+    store.insert_passkey(&record).await.expect("insert");
+    let used_at = now() + Duration::from_secs(42);
+    store
+        .record_passkey_use(record.id, &record.passkey, used_at)
+        .await
+        .expect("use");
+    let read = store.passkeys_of("alice").await.expect("list");
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].last_used_at, Some(used_at));
+    assert_eq!(read[0].credential_id, "cred-x");
+}
