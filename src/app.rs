@@ -3,6 +3,7 @@
 //! commented where it does.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::middleware::{from_fn, from_fn_with_state};
 use axum::routing::{get, post};
@@ -27,7 +28,10 @@ pub async fn build(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Rou
     store.migrate().await?;
     let webauthn = build_webauthn(&config.webauthn, &config).map_err(anyhow::Error::msg)?;
     let passkeys = Passkeys::new(webauthn, store.clone(), config.limits.ceremony_ttl);
-    let stepup = StepUp::new(store.clone(), passkeys, clock.clone());
+    // A forward takes at most connect + upstream timeout; the lease outlasts it.
+    let release_lease =
+        config.limits.connect_timeout + config.limits.upstream_timeout + Duration::from_secs(10);
+    let stepup = StepUp::new(store.clone(), passkeys, clock.clone(), release_lease);
     let upstream = Upstream::new(&config).map_err(anyhow::Error::msg)?;
     let public_origin = config.public_url.origin().ascii_serialization();
     let secure_cookie = config.public_url.scheme() == "https";

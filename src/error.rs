@@ -100,6 +100,21 @@ impl GateError {
         }
     }
 
+    /// Facts a client can act on, added to the JSON answer next to `error` and `message`.
+    pub fn details(&self) -> Vec<(&'static str, serde_json::Value)> {
+        match self {
+            GateError::Refused(Refusal::CoolingOff { release_at }) => {
+                vec![("release_at", crate::clock::rfc3339(*release_at).into())]
+            }
+            GateError::Refused(Refusal::AlreadyApplied { outcome_status }) => vec![
+                ("state", "applied".into()),
+                ("upstream_status", (*outcome_status).into()),
+            ],
+            GateError::Refused(Refusal::Applying) => vec![("state", "applying".into())],
+            _ => Vec::new(),
+        }
+    }
+
     /// For `cooling_off`: when the release becomes possible.
     pub fn release_at(&self) -> Option<OffsetDateTime> {
         match self {
@@ -115,9 +130,13 @@ fn refusal_status(refusal: Refusal) -> (StatusCode, &'static str) {
         Refusal::NotConfirmed => (StatusCode::FORBIDDEN, "not_confirmed"),
         Refusal::Cancelled => (StatusCode::FORBIDDEN, "change_cancelled"),
         Refusal::Expired | Refusal::Lapsed => (StatusCode::FORBIDDEN, "change_expired"),
-        Refusal::AlreadyApplied => (StatusCode::CONFLICT, "change_already_applied"),
+        // A release that is being forwarded right now is, to the client, already taken.
+        Refusal::AlreadyApplied { .. } | Refusal::Applying => {
+            (StatusCode::CONFLICT, "change_already_applied")
+        }
         Refusal::NotHeld => (StatusCode::CONFLICT, "change_not_held"),
         Refusal::NotDue => (StatusCode::CONFLICT, "change_not_due"),
+        Refusal::NotApplying => (StatusCode::CONFLICT, "change_not_applying"),
     }
 }
 
@@ -132,7 +151,16 @@ fn refusal_message(refusal: Refusal) -> String {
         Refusal::Expired | Refusal::Lapsed => {
             "this change expired: it was not confirmed or released in time".into()
         }
-        Refusal::AlreadyApplied => "this change was already applied".into(),
+        Refusal::AlreadyApplied {
+            outcome_status: Some(status),
+        } => {
+            format!("this change was already applied (the exchange answered {status})")
+        }
+        Refusal::AlreadyApplied {
+            outcome_status: None,
+        } => "this change was already applied".into(),
+        Refusal::Applying => "this change is being applied right now".into(),
+        Refusal::NotApplying => "this change is not being applied".into(),
         Refusal::NotHeld => "this change is no longer waiting for a confirmation".into(),
         Refusal::NotDue => "this change has no deadline that has passed".into(),
     }

@@ -3,6 +3,7 @@
 //! goes through the pure state machine and then a conditional update in the store.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use time::OffsetDateTime;
@@ -51,15 +52,28 @@ pub struct StepUp {
     store: Store,
     passkeys: Passkeys,
     clock: Arc<dyn Clock>,
+    release_lease: Duration,
 }
 
 impl StepUp {
-    pub fn new(store: Store, passkeys: Passkeys, clock: Arc<dyn Clock>) -> Self {
+    /// `release_lease` must outlast one forward (connect plus upstream timeout), so no other
+    /// instance retries a forward that is still under way.
+    pub fn new(
+        store: Store,
+        passkeys: Passkeys,
+        clock: Arc<dyn Clock>,
+        release_lease: Duration,
+    ) -> Self {
         Self {
             store,
             passkeys,
             clock,
+            release_lease,
         }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     pub fn now(&self) -> OffsetDateTime {
@@ -99,6 +113,9 @@ impl StepUp {
             release_at: None,
             release_before: None,
             finished_at: None,
+            lease_until: None,
+            release_attempts: 0,
+            outcome_status: None,
         };
         self.store.insert_change(&change).await?;
         Ok(change)
@@ -150,8 +167,14 @@ impl StepUp {
         credential: &PublicKeyCredential,
     ) -> Result<Change, GateError> {
         let now = self.now();
-        // Refuse before consuming the ceremony when the change cannot be confirmed anyway.
-        let change = self.confirmable(user, id, now).await?;
+        let change = self.owned(user, id).await?;
+        // A deadline that passed wins over everything else: the change expires now.
+        if change.lapsed(now) {
+            self.expire(change, now).await?;
+            return Err(GateError::Refused(Refusal::Expired));
+        }
+        // The ceremony is consumed before anything else is decided, so a used ceremony id is
+        // always `ceremony_invalid`, whatever became of the change since.
         let (ceremony, _passkey) = self
             .passkeys
             .finish_assertion(user, ceremony_id, session_binding, credential, now)
@@ -165,8 +188,10 @@ impl StepUp {
         self.apply(change, Event::Confirm, now).await
     }
 
-    /// Marks a due change `applied` if `digest` is the held request's. Exactly one caller
-    /// wins; the caller then forwards the request once.
+    /// Takes a due change for forwarding (`applying`, with a lease) if `digest` is the held
+    /// request's. Exactly one caller wins; it forwards the request and then reports the
+    /// outcome with [`StepUp::record_outcome`]. A change left `applying` by a crashed instance
+    /// can be taken again once its lease has run out.
     pub async fn release(
         &self,
         user: &UserId,
@@ -178,7 +203,38 @@ impl StepUp {
         if change.digest != digest {
             return Err(GateError::ChangeMismatch);
         }
-        self.apply(change, Event::Release, now).await
+        let lease_until = now + self.release_lease;
+        self.apply(change, Event::Release { lease_until }, now)
+            .await
+    }
+
+    /// Records what became of a forward: `Delivered` makes the change `applied`,
+    /// `Undelivered` gives the lease back so the client can retry at once.
+    pub async fn record_outcome(
+        &self,
+        change: Change,
+        outcome: Event,
+    ) -> Result<Change, GateError> {
+        let now = self.now();
+        self.apply(change, outcome, now).await
+    }
+
+    /// Background upkeep, safe to run on every instance at once: expires lapsed changes and
+    /// removes dead ceremonies and sessions. Returns the ids it expired.
+    pub async fn sweep(&self) -> Result<Vec<Uuid>, GateError> {
+        let now = self.now();
+        let mut expired = Vec::new();
+        loop {
+            let batch = self.store.expire_lapsed(now, 100).await?;
+            let done = batch.len() < 100;
+            expired.extend(batch);
+            if done {
+                break;
+            }
+        }
+        self.store.delete_expired_ceremonies(now).await?;
+        self.store.delete_expired_sessions(now).await?;
+        Ok(expired)
     }
 
     /// Cancels a pending change; cancelling a cancelled change answers the same again.
@@ -224,20 +280,13 @@ impl StepUp {
         event: Event,
         now: OffsetDateTime,
     ) -> Result<Change, GateError> {
-        // Each retry follows a real move by someone else, and a change moves at most four
-        // times in its life, so this loop is short.
+        // Each retry follows a real move by someone else, and a change moves only a few times
+        // in its life, so this loop is short.
         for _ in 0..5 {
             match transition(&change, event, now) {
                 Ok(t) => {
-                    if self.store.apply_transition(change.id, &t).await? {
-                        change.state = t.to;
-                        change.confirmed_at = t.confirmed_at.or(change.confirmed_at);
-                        change.release_at = t.release_at.or(change.release_at);
-                        change.release_before = t.release_before.or(change.release_before);
-                        if !t.to.is_pending() {
-                            change.finished_at = Some(now);
-                        }
-                        return Ok(change);
+                    if self.store.apply_transition(&change, &t).await? {
+                        return Ok(change.after(&t));
                     }
                 }
                 Err(Refusal::Lapsed) => {
@@ -260,7 +309,7 @@ impl StepUp {
     /// Moves a change whose deadline has passed to `expired` (no-op if someone else did).
     async fn expire(&self, change: Change, now: OffsetDateTime) -> Result<(), GateError> {
         if let Ok(t) = transition(&change, Event::Expire, now) {
-            self.store.apply_transition(change.id, &t).await?;
+            self.store.apply_transition(&change, &t).await?;
         }
         Ok(())
     }

@@ -13,6 +13,10 @@ use uuid::Uuid;
 pub enum State {
     Held,
     CoolingOff,
+    /// Released: the request is being forwarded. A lease says until when the releasing
+    /// instance owns the forward; after a crash the lease runs out and a later release may
+    /// forward again, with the same `Idempotency-Key`.
+    Applying,
     Applied,
     Cancelled,
     Expired,
@@ -23,6 +27,7 @@ impl State {
         match self {
             State::Held => "held",
             State::CoolingOff => "cooling_off",
+            State::Applying => "applying",
             State::Applied => "applied",
             State::Cancelled => "cancelled",
             State::Expired => "expired",
@@ -33,6 +38,7 @@ impl State {
         Some(match text {
             "held" => State::Held,
             "cooling_off" => State::CoolingOff,
+            "applying" => State::Applying,
             "applied" => State::Applied,
             "cancelled" => State::Cancelled,
             "expired" => State::Expired,
@@ -79,6 +85,13 @@ pub struct Change {
     pub release_before: Option<OffsetDateTime>,
     /// When it became applied, cancelled or expired.
     pub finished_at: Option<OffsetDateTime>,
+    /// While `applying`: until when the current forward owns the change.
+    pub lease_until: Option<OffsetDateTime>,
+    /// How many times the request was forwarded (more than one only after a crash or an
+    /// unknown outcome, always with the same `Idempotency-Key`).
+    pub release_attempts: i64,
+    /// The upstream's status code for the forward that applied the change.
+    pub outcome_status: Option<u16>,
 }
 
 impl Change {
@@ -92,10 +105,37 @@ impl Change {
     }
 }
 
+impl Change {
+    /// The change as it is after `t` was stored: the same write the store makes.
+    pub fn after(mut self, t: &Transition) -> Change {
+        self.state = t.to;
+        self.confirmed_at = t.confirmed_at.or(self.confirmed_at);
+        self.release_at = t.release_at.or(self.release_at);
+        self.release_before = t.release_before.or(self.release_before);
+        self.lease_until = t.lease_until.or(self.lease_until);
+        self.outcome_status = t.outcome_status.or(self.outcome_status);
+        self.release_attempts += i64::from(t.counts_attempt);
+        if !t.to.is_pending() && self.finished_at.is_none() {
+            self.finished_at = Some(t.at);
+        }
+        self
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     Confirm,
-    Release,
+    /// Take the change for forwarding, owning it until `lease_until`.
+    Release {
+        lease_until: OffsetDateTime,
+    },
+    /// The upstream answered the forward with this status.
+    Delivered {
+        status: u16,
+    },
+    /// The forward never reached the upstream (connection refused): give the lease back so
+    /// the client can retry at once.
+    Undelivered,
     Cancel,
     Expire,
 }
@@ -109,6 +149,10 @@ pub struct Transition {
     pub confirmed_at: Option<OffsetDateTime>,
     pub release_at: Option<OffsetDateTime>,
     pub release_before: Option<OffsetDateTime>,
+    pub lease_until: Option<OffsetDateTime>,
+    /// Whether this move is one more forward of the request.
+    pub counts_attempt: bool,
+    pub outcome_status: Option<u16>,
 }
 
 /// Why an event cannot happen now.
@@ -123,9 +167,16 @@ pub enum Refusal {
     NotHeld,
     Cancelled,
     Expired,
-    AlreadyApplied,
+    /// Applied already, with the upstream's status when known.
+    AlreadyApplied {
+        outcome_status: Option<u16>,
+    },
+    /// Another release is forwarding it right now.
+    Applying,
     /// An expiry asked for before any deadline passed.
     NotDue,
+    /// An outcome reported for a change that is not being applied.
+    NotApplying,
 }
 
 pub fn transition(
@@ -140,12 +191,16 @@ pub fn transition(
         confirmed_at: None,
         release_at: None,
         release_before: None,
+        lease_until: None,
+        counts_attempt: false,
+        outcome_status: None,
+    };
+    let applied = Refusal::AlreadyApplied {
+        outcome_status: change.outcome_status,
     };
     match (change.state, event) {
-        (State::Applied, Event::Expire)
-        | (State::Cancelled, Event::Expire)
-        | (State::Expired, Event::Expire) => Err(Refusal::NotDue),
-        (State::Applied, _) => Err(Refusal::AlreadyApplied),
+        (State::Applied | State::Cancelled | State::Expired, Event::Expire) => Err(Refusal::NotDue),
+        (State::Applied, _) => Err(applied),
         (State::Cancelled, _) => Err(Refusal::Cancelled),
         (State::Expired, _) => Err(Refusal::Expired),
 
@@ -173,24 +228,53 @@ pub fn transition(
         }
         (State::CoolingOff, Event::Confirm) => Err(Refusal::NotHeld),
 
-        (State::Held, Event::Release) => {
+        (State::Held, Event::Release { .. }) => {
             if change.lapsed(now) {
                 Err(Refusal::Lapsed)
             } else {
                 Err(Refusal::NotConfirmed)
             }
         }
-        (State::CoolingOff, Event::Release) => {
+        (State::CoolingOff, Event::Release { lease_until }) => {
             if change.lapsed(now) {
                 return Err(Refusal::Lapsed);
             }
             match change.release_at {
-                Some(release_at) if now >= release_at => Ok(moved(State::Applied)),
+                Some(release_at) if now >= release_at => Ok(Transition {
+                    lease_until: Some(lease_until),
+                    counts_attempt: true,
+                    ..moved(State::Applying)
+                }),
                 Some(release_at) => Err(Refusal::CoolingOff { release_at }),
                 // A cooling-off change always has release_at; treat a broken row as not ready.
                 None => Err(Refusal::NotConfirmed),
             }
         }
+        (State::Held | State::CoolingOff, Event::Delivered { .. } | Event::Undelivered) => {
+            Err(Refusal::NotApplying)
+        }
+
+        // Applying: the release was given; only the forward's outcome, or a retry after the
+        // lease ran out (the forwarding instance died), moves it. It can no longer be
+        // cancelled or expire: the request may already have reached the upstream.
+        (State::Applying, Event::Release { lease_until }) => match change.lease_until {
+            Some(current) if now < current => Err(Refusal::Applying),
+            _ => Ok(Transition {
+                lease_until: Some(lease_until),
+                counts_attempt: true,
+                ..moved(State::Applying)
+            }),
+        },
+        (State::Applying, Event::Delivered { status }) => Ok(Transition {
+            outcome_status: Some(status),
+            ..moved(State::Applied)
+        }),
+        (State::Applying, Event::Undelivered) => Ok(Transition {
+            lease_until: Some(now),
+            ..moved(State::Applying)
+        }),
+        (State::Applying, Event::Confirm) => Err(Refusal::NotHeld),
+        (State::Applying, Event::Cancel | Event::Expire) => Err(Refusal::Applying),
     }
 }
 
@@ -222,45 +306,54 @@ mod tests {
             release_at: None,
             release_before: None,
             finished_at: None,
+            lease_until: None,
+            release_attempts: 0,
+            outcome_status: None,
+        }
+    }
+
+    fn release(at: OffsetDateTime) -> Event {
+        Event::Release {
+            lease_until: at + MIN,
         }
     }
 
     fn apply(change: &mut Change, t: &Transition) {
-        change.state = t.to;
-        change.confirmed_at = t.confirmed_at.or(change.confirmed_at);
-        change.release_at = t.release_at.or(change.release_at);
-        change.release_before = t.release_before.or(change.release_before);
+        *change = change.clone().after(t);
     }
 
     #[test]
     fn happy_path_held_confirm_cool_release() {
         let t0 = OffsetDateTime::now_utc();
         let mut c = held(t0);
-        assert_eq!(
-            transition(&c, Event::Release, t0),
-            Err(Refusal::NotConfirmed)
-        );
+        assert_eq!(transition(&c, release(t0), t0), Err(Refusal::NotConfirmed));
         let confirm = transition(&c, Event::Confirm, t0 + MIN).unwrap();
         assert_eq!(confirm.to, State::CoolingOff);
         assert_eq!(confirm.release_at, Some(t0 + MIN + 24 * HOUR));
         apply(&mut c, &confirm);
         assert_eq!(
-            transition(&c, Event::Release, t0 + 2 * MIN),
+            transition(&c, release(t0), t0 + 2 * MIN),
             Err(Refusal::CoolingOff {
                 release_at: t0 + MIN + 24 * HOUR
             })
         );
-        let release = transition(&c, Event::Release, t0 + MIN + 24 * HOUR).unwrap();
-        assert_eq!(release.to, State::Applied);
-        apply(&mut c, &release);
-        assert_eq!(
-            transition(&c, Event::Release, t0 + 25 * HOUR),
-            Err(Refusal::AlreadyApplied)
-        );
-        assert_eq!(
-            transition(&c, Event::Cancel, t0 + 25 * HOUR),
-            Err(Refusal::AlreadyApplied)
-        );
+        let due = t0 + MIN + 24 * HOUR;
+        let taken = transition(&c, release(due), due).unwrap();
+        assert_eq!(taken.to, State::Applying);
+        assert!(taken.counts_attempt);
+        assert_eq!(taken.lease_until, Some(due + MIN));
+        apply(&mut c, &taken);
+        assert_eq!(c.release_attempts, 1);
+        assert_eq!(transition(&c, Event::Cancel, due), Err(Refusal::Applying));
+        let delivered = transition(&c, Event::Delivered { status: 200 }, due).unwrap();
+        assert_eq!(delivered.to, State::Applied);
+        apply(&mut c, &delivered);
+        assert_eq!(c.finished_at, Some(due));
+        let applied = Err(Refusal::AlreadyApplied {
+            outcome_status: Some(200),
+        });
+        assert_eq!(transition(&c, release(due), t0 + 25 * HOUR), applied);
+        assert_eq!(transition(&c, Event::Cancel, t0 + 25 * HOUR), applied);
     }
 
     #[test]
@@ -281,7 +374,7 @@ mod tests {
         let confirm = transition(&c, Event::Confirm, t0).unwrap();
         apply(&mut c, &confirm);
         let late = t0 + 24 * HOUR + 24 * HOUR + MIN;
-        assert_eq!(transition(&c, Event::Release, late), Err(Refusal::Lapsed));
+        assert_eq!(transition(&c, release(late), late), Err(Refusal::Lapsed));
         assert_eq!(
             transition(&c, Event::Expire, late).unwrap().to,
             State::Expired
@@ -304,9 +397,50 @@ mod tests {
         );
         assert_eq!(transition(&c, Event::Confirm, t0), Err(Refusal::NotHeld));
         c.state = State::Cancelled;
-        assert_eq!(transition(&c, Event::Release, t0), Err(Refusal::Cancelled));
+        assert_eq!(transition(&c, release(t0), t0), Err(Refusal::Cancelled));
         c.state = State::Expired;
         assert_eq!(transition(&c, Event::Cancel, t0), Err(Refusal::Expired));
+    }
+
+    #[test]
+    fn a_release_whose_forward_was_lost_can_be_retried_only_after_the_lease() {
+        let t0 = OffsetDateTime::now_utc();
+        let mut c = held(t0);
+        c.cooling_off = Duration::ZERO;
+        let confirm = transition(&c, Event::Confirm, t0).unwrap();
+        apply(&mut c, &confirm);
+        let taken = transition(&c, release(t0), t0).unwrap();
+        apply(&mut c, &taken);
+        // While the first forward owns the lease, nobody else forwards.
+        let before_lease_end = t0 + Duration::from_secs(59);
+        assert_eq!(
+            transition(&c, release(t0), before_lease_end),
+            Err(Refusal::Applying)
+        );
+        // The forwarding instance died: after the lease, a retry takes it again.
+        let retry = transition(&c, release(t0 + MIN), t0 + MIN).unwrap();
+        assert_eq!(retry.to, State::Applying);
+        assert!(retry.counts_attempt);
+        apply(&mut c, &retry);
+        assert_eq!(c.release_attempts, 2);
+        // A refused connection gives the lease back at once.
+        let given_back = transition(&c, Event::Undelivered, t0 + MIN).unwrap();
+        assert_eq!(given_back.lease_until, Some(t0 + MIN));
+        assert!(!given_back.counts_attempt);
+        apply(&mut c, &given_back);
+        assert!(transition(&c, release(t0 + MIN), t0 + MIN).is_ok());
+    }
+
+    #[test]
+    fn outcomes_only_move_applying_changes() {
+        let t0 = OffsetDateTime::now_utc();
+        let c = held(t0);
+        let delivered = Event::Delivered { status: 200 };
+        assert_eq!(transition(&c, delivered, t0), Err(Refusal::NotApplying));
+        assert_eq!(
+            transition(&c, Event::Undelivered, t0),
+            Err(Refusal::NotApplying)
+        );
     }
 
     #[test]
@@ -314,12 +448,13 @@ mod tests {
         for s in [
             State::Held,
             State::CoolingOff,
+            State::Applying,
             State::Applied,
             State::Cancelled,
             State::Expired,
         ] {
             assert_eq!(State::parse(s.as_str()), Some(s));
         }
-        assert_eq!(State::parse("applying"), None);
+        assert_eq!(State::parse("released"), None);
     }
 }

@@ -107,7 +107,8 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migratio
 
 const CHANGE_COLUMNS: &str = "id, user_id, rule_name, method, path, query, headers_json, body, \
      digest, summary, state, cooling_off_ms, release_within_ms, created_at, confirm_before, \
-     confirmed_at, release_at, release_before, finished_at";
+     confirmed_at, release_at, release_before, finished_at, lease_until, release_attempts, \
+     outcome_status";
 
 const PASSKEY_COLUMNS: &str =
     "id, user_id, credential_id, name, passkey_json, backup_eligible, created_at, last_used_at";
@@ -330,7 +331,7 @@ impl Store {
         sqlx::query(&format!(
             "INSERT INTO changes ({CHANGE_COLUMNS}, updated_at) VALUES \
              ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-             $19, $20)"
+             $19, $20, $21, $22, $23)"
         ))
         .bind(change.id.to_string())
         .bind(&change.user_id)
@@ -351,6 +352,9 @@ impl Store {
         .bind(change.release_at.map(to_millis))
         .bind(change.release_before.map(to_millis))
         .bind(change.finished_at.map(to_millis))
+        .bind(change.lease_until.map(to_millis))
+        .bind(change.release_attempts)
+        .bind(change.outcome_status.map(i64::from))
         .bind(to_millis(change.created_at))
         .execute(&self.pool)
         .await?;
@@ -380,9 +384,14 @@ impl Store {
         rows.iter().map(change_from_row).collect()
     }
 
-    /// Applies a transition only if the change is still in `transition.from`. Returns whether
-    /// this call made the move; `false` means someone else moved it first.
-    pub async fn apply_transition(&self, id: Uuid, t: &Transition) -> Result<bool, StoreError> {
+    /// Applies a transition only if the change is still as it was read: in `t.from`, with the
+    /// same lease. Returns whether this call made the move; `false` means someone else moved
+    /// it first.
+    pub async fn apply_transition(
+        &self,
+        change: &Change,
+        t: &Transition,
+    ) -> Result<bool, StoreError> {
         let finished_at = (!t.to.is_pending()).then_some(to_millis(t.at));
         let done = sqlx::query(
             "UPDATE changes SET state = $1, \
@@ -390,20 +399,71 @@ impl Store {
              release_at = COALESCE($3, release_at), \
              release_before = COALESCE($4, release_before), \
              finished_at = COALESCE($5, finished_at), \
-             updated_at = $6 \
-             WHERE id = $7 AND state = $8",
+             lease_until = COALESCE($6, lease_until), \
+             release_attempts = release_attempts + $7, \
+             outcome_status = COALESCE($8, outcome_status), \
+             updated_at = $9 \
+             WHERE id = $10 AND state = $11 AND COALESCE(lease_until, -1) = $12",
         )
         .bind(t.to.as_str())
         .bind(t.confirmed_at.map(to_millis))
         .bind(t.release_at.map(to_millis))
         .bind(t.release_before.map(to_millis))
         .bind(finished_at)
+        .bind(t.lease_until.map(to_millis))
+        .bind(i64::from(t.counts_attempt))
+        .bind(t.outcome_status.map(i64::from))
         .bind(to_millis(t.at))
-        .bind(id.to_string())
+        .bind(change.id.to_string())
         .bind(t.from.as_str())
+        .bind(change.lease_until.map_or(-1, to_millis))
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Expires pending changes whose deadline passed before `now` (at most `limit`), and
+    /// returns their ids. Safe to run on every instance at once: each change is expired by
+    /// exactly one call. PostgreSQL skips rows another instance has locked; SQLite serialises
+    /// writers. The conditions mirror `Change::lapsed`.
+    pub async fn expire_lapsed(
+        &self,
+        now: OffsetDateTime,
+        limit: i64,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        const LAPSED: &str = "((state = 'held' AND confirm_before < $1) \
+             OR (state = 'cooling_off' AND release_before < $1))";
+        let lock = match self.backend {
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let rows = sqlx::query(&format!(
+            "UPDATE changes SET state = 'expired', finished_at = $1, updated_at = $1 \
+             WHERE id IN (SELECT id FROM changes WHERE {LAPSED} ORDER BY created_at LIMIT $2 {lock}) \
+             AND {LAPSED} RETURNING id"
+        ))
+        .bind(to_millis(now))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| parse_uuid(&row.try_get::<String, _>("id")?))
+            .collect()
+    }
+
+    /// Removes browser sessions that expired before `now`.
+    pub async fn delete_expired_sessions(&self, now: OffsetDateTime) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM sessions WHERE expiry_date < $1")
+            .bind(to_millis(now))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Whether the database answers at all (for readiness and outage recovery).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
     }
 }
 
@@ -471,6 +531,13 @@ fn change_from_row(row: &AnyRow) -> Result<Change, StoreError> {
         finished_at: row
             .try_get::<Option<i64>, _>("finished_at")?
             .map(from_millis),
+        lease_until: row
+            .try_get::<Option<i64>, _>("lease_until")?
+            .map(from_millis),
+        release_attempts: row.try_get("release_attempts")?,
+        outcome_status: row
+            .try_get::<Option<i64>, _>("outcome_status")?
+            .and_then(|status| u16::try_from(status).ok()),
     })
 }
 

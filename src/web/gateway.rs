@@ -18,8 +18,8 @@ use super::{ApiError, AppState};
 use crate::clock::rfc3339;
 use crate::error::GateError;
 use crate::policy::{canonical_path, decide, Decision, PathError};
-use crate::proxy::{Outgoing, STEPGATE_CHANGE};
-use crate::stepup::{Change, HeldRequest};
+use crate::proxy::{Outgoing, ProxyError, STEPGATE_CHANGE};
+use crate::stepup::{Change, Event, HeldRequest};
 
 /// The router's fallback: everything outside the gate's own routes comes here.
 pub async fn gateway(
@@ -88,9 +88,9 @@ async fn handle(
             .stepup
             .release(&user, change_id, &held.digest())
             .await?;
-        tracing::info!(change = %change.id, user = %user, rule = %change.rule, "releasing a confirmed change");
+        tracing::info!(change = %change.id, user = %user, rule = %change.rule, attempt = change.release_attempts, "releasing a confirmed change");
         let idempotency_key = Some(change.id.to_string());
-        return forward(
+        let forwarded = forward(
             state,
             parts,
             path_and_query,
@@ -99,6 +99,9 @@ async fn handle(
             idempotency_key,
         )
         .await;
+        let outcome = release_outcome(&forwarded);
+        record_release_outcome(state, change, outcome).await;
+        return forwarded;
     }
 
     match decide(candidates, &body).map_err(|e| GateError::InvalidBody(e.0))? {
@@ -135,6 +138,31 @@ async fn forward(
         idempotency_key,
     };
     Ok(state.upstream.forward(outgoing).await?)
+}
+
+/// What the upstream made of a release, as far as the gate can tell. `None` when the outcome
+/// is unknown (timeout, broken answer): the change then stays `applying` until its lease runs
+/// out, and a later release forwards it again with the same `Idempotency-Key`, which the
+/// upstream's de-duplication makes safe.
+fn release_outcome(forwarded: &Result<Response, GateError>) -> Option<Event> {
+    match forwarded {
+        Ok(response) => Some(Event::Delivered {
+            status: response.status().as_u16(),
+        }),
+        // Nothing reached the upstream: give the lease back so the client can retry now.
+        Err(GateError::Upstream(ProxyError::Unreachable(_))) => Some(Event::Undelivered),
+        Err(_) => None,
+    }
+}
+
+async fn record_release_outcome(state: &AppState, change: Change, outcome: Option<Event>) {
+    let Some(outcome) = outcome else { return };
+    let id = change.id;
+    if let Err(error) = state.stepup.record_outcome(change, outcome).await {
+        // The forward happened; only the bookkeeping failed. The lease will expire and a
+        // retry reuses the same Idempotency-Key, so the upstream still applies it once.
+        tracing::error!(change = %id, %error, "could not record a release's outcome");
+    }
 }
 
 /// Reads a protected route's body, refusing (413) beyond `limit` without reading further.

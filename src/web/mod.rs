@@ -19,7 +19,7 @@ use http::{header, HeaderValue, Method, StatusCode};
 use serde_json::json;
 use tower_sessions::Session;
 
-use crate::clock::{rfc3339, Clock};
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::GateError;
 use crate::identity::UserId;
@@ -67,8 +67,8 @@ impl IntoResponse for ApiError {
         let (status, code) = error.status_and_code();
         log_error(&error, status);
         let mut body = json!({ "error": code, "message": error.public_message() });
-        if let Some(release_at) = error.release_at() {
-            body["release_at"] = json!(rfc3339(release_at));
+        for (key, value) in error.details() {
+            body[key] = value;
         }
         let mut response = (status, Json(body)).into_response();
         response

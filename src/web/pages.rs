@@ -3,28 +3,57 @@
 //! Errors are shown as a sentence on a page, never as raw JSON.
 
 use askama::Template;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::response::{Html, IntoResponse, Response};
-use http::StatusCode;
+use http::{header, HeaderMap, StatusCode};
 use uuid::Uuid;
 
 use super::{ApiError, AppState, Caller};
 use crate::clock::rfc3339;
 use crate::error::GateError;
+use crate::identity::UserId;
 use crate::stepup::{Change, State as ChangeState};
 
-/// A page-rendering error shown as a page with the same status code.
-pub struct PageError(pub GateError);
+/// An error on a page route. Browsers (which ask for `text/html`) get a page with a sentence;
+/// API clients and tests get the same JSON as the API, with the same status code.
+pub struct PageError {
+    error: GateError,
+    html: bool,
+}
 
-impl From<GateError> for PageError {
-    fn from(error: GateError) -> Self {
-        PageError(error)
+/// The identified viewer of a page, and whether their client wants HTML answers.
+pub struct Viewer {
+    pub user: UserId,
+    html: bool,
+}
+
+impl Viewer {
+    pub fn error(&self, error: impl Into<GateError>) -> PageError {
+        PageError {
+            error: error.into(),
+            html: self.html,
+        }
     }
 }
 
-impl From<ApiError> for PageError {
-    fn from(error: ApiError) -> Self {
-        PageError(error.0)
+fn accepts_html(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/html"))
+}
+
+impl FromRequestParts<AppState> for Viewer {
+    type Rejection = PageError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, PageError> {
+        let html = accepts_html(&parts.headers);
+        match Caller::from_request_parts(parts, state).await {
+            Ok(Caller(user)) => Ok(Viewer { user, html }),
+            Err(ApiError(error)) => Err(PageError { error, html }),
+        }
     }
 }
 
@@ -37,7 +66,10 @@ struct ErrorPage {
 
 impl IntoResponse for PageError {
     fn into_response(self) -> Response {
-        let (status, _) = self.0.status_and_code();
+        if !self.html {
+            return ApiError(self.error).into_response();
+        }
+        let (status, _) = self.error.status_and_code();
         let title = match status {
             StatusCode::UNAUTHORIZED => "Please sign in to the exchange first",
             StatusCode::NOT_FOUND => "Not found",
@@ -46,7 +78,7 @@ impl IntoResponse for PageError {
         };
         let page = ErrorPage {
             title,
-            message: self.0.public_message(),
+            message: self.error.public_message(),
         };
         (status, render(&page)).into_response()
     }
@@ -96,6 +128,7 @@ impl ChangeView {
             state_words: match change.state {
                 ChangeState::Held => "Waiting for your confirmation",
                 ChangeState::CoolingOff => "Confirmed, cooling off",
+                ChangeState::Applying => "Being applied now",
                 ChangeState::Applied => "Applied",
                 ChangeState::Cancelled => "Cancelled",
                 ChangeState::Expired => "Expired",
@@ -130,14 +163,17 @@ struct ChangePage {
 
 pub async fn change_page(
     State(state): State<AppState>,
-    caller: Result<Caller, ApiError>,
+    viewer: Viewer,
     Path(id): Path<String>,
 ) -> Result<Response, PageError> {
-    let Caller(user) = caller?;
-    let id = Uuid::parse_str(&id).map_err(|_| GateError::NotFound)?;
-    let change = state.stepup.get(&user, id).await?;
+    let id = Uuid::parse_str(&id).map_err(|_| viewer.error(GateError::NotFound))?;
+    let change = state
+        .stepup
+        .get(&viewer.user, id)
+        .await
+        .map_err(|e| viewer.error(e))?;
     Ok(render(&ChangePage {
-        user: user.to_string(),
+        user: viewer.user.to_string(),
         change: ChangeView::from_change(&change),
     }))
 }
@@ -151,12 +187,15 @@ struct ChangesPage {
 
 pub async fn changes_page(
     State(state): State<AppState>,
-    caller: Result<Caller, ApiError>,
+    viewer: Viewer,
 ) -> Result<Response, PageError> {
-    let Caller(user) = caller?;
-    let changes = state.stepup.list(&user).await?;
+    let changes = state
+        .stepup
+        .list(&viewer.user)
+        .await
+        .map_err(|e| viewer.error(e))?;
     Ok(render(&ChangesPage {
-        user: user.to_string(),
+        user: viewer.user.to_string(),
         changes: changes.iter().map(ChangeView::from_change).collect(),
     }))
 }
@@ -177,12 +216,16 @@ struct PasskeysPage {
 
 pub async fn passkeys_page(
     State(state): State<AppState>,
-    caller: Result<Caller, ApiError>,
+    viewer: Viewer,
 ) -> Result<Response, PageError> {
-    let Caller(user) = caller?;
-    let passkeys = state.stepup.passkeys().list(&user).await?;
+    let passkeys = state
+        .stepup
+        .passkeys()
+        .list(&viewer.user)
+        .await
+        .map_err(|e| viewer.error(e))?;
     Ok(render(&PasskeysPage {
-        user: user.to_string(),
+        user: viewer.user.to_string(),
         passkeys: passkeys
             .iter()
             .map(|p| PasskeyView {

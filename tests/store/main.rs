@@ -46,6 +46,8 @@ on_both_backends!(
     expired_ceremonies_are_removed,
     sessions_are_saved_loaded_and_expire,
     passkey_use_is_recorded,
+    a_release_lease_is_taken_by_one_instance_only,
+    lapsed_changes_expire_once_across_instances,
 );
 
 async fn store(backend: Backend) -> Option<(Store, TestDb)> {
@@ -112,6 +114,9 @@ fn held_change(user: &str, at: OffsetDateTime) -> Change {
         release_at: None,
         release_before: None,
         finished_at: None,
+        lease_until: None,
+        release_attempts: 0,
+        outcome_status: None,
     }
 }
 
@@ -238,7 +243,8 @@ async fn a_transition_is_applied_once_under_contention(backend: Backend) {
     let attempts = (0..32).map(|_| {
         let store = store.clone();
         let confirm = confirm.clone();
-        tokio::spawn(async move { store.apply_transition(change.id, &confirm).await })
+        let change = change.clone();
+        tokio::spawn(async move { store.apply_transition(&change, &confirm).await })
     });
     let mut wins = 0;
     for attempt in attempts {
@@ -257,9 +263,143 @@ async fn a_transition_is_applied_once_under_contention(backend: Backend) {
     assert_eq!(read.release_at, Some(t0 + Duration::from_secs(86_400)));
     // A transition from a state the row is no longer in does nothing.
     assert!(!store
-        .apply_transition(change.id, &confirm)
+        .apply_transition(&change, &confirm)
         .await
         .expect("stale"));
+}
+
+async fn a_release_lease_is_taken_by_one_instance_only(backend: Backend) {
+    let Some((store, _db)) = store(backend).await else {
+        return;
+    };
+    let t0 = now();
+    let mut change = held_change("alice", t0);
+    change.cooling_off = Duration::ZERO;
+    store.insert_change(&change).await.expect("insert");
+    let confirm = transition(&change, Event::Confirm, t0).expect("confirm");
+    assert!(store
+        .apply_transition(&change, &confirm)
+        .await
+        .expect("confirm"));
+    let confirmed = store
+        .change(change.id)
+        .await
+        .expect("read")
+        .expect("present");
+    assert_eq!(confirmed.state, State::CoolingOff);
+
+    // Two instances read the same cooling-off change and both try to take it.
+    let lease = Duration::from_secs(40);
+    let release = |at: OffsetDateTime| Event::Release {
+        lease_until: at + lease,
+    };
+    let taken = transition(&confirmed, release(t0), t0).expect("release");
+    assert!(store
+        .apply_transition(&confirmed, &taken)
+        .await
+        .expect("first"));
+    assert!(!store
+        .apply_transition(&confirmed, &taken)
+        .await
+        .expect("second"));
+    let applying = store
+        .change(change.id)
+        .await
+        .expect("read")
+        .expect("present");
+    assert_eq!(applying.state, State::Applying);
+    assert_eq!(applying.release_attempts, 1);
+    assert_eq!(applying.lease_until, Some(t0 + lease));
+
+    // After the lease ran out, two instances retry from the same read: one wins.
+    let later = t0 + lease + Duration::from_secs(1);
+    let retry = transition(&applying, release(later), later).expect("retry");
+    assert!(store
+        .apply_transition(&applying, &retry)
+        .await
+        .expect("retry 1"));
+    assert!(!store
+        .apply_transition(&applying, &retry)
+        .await
+        .expect("retry 2"));
+    let read = store
+        .change(change.id)
+        .await
+        .expect("read")
+        .expect("present");
+    assert_eq!(read.release_attempts, 2);
+    assert_eq!(read.lease_until, Some(later + lease));
+
+    // The first forward's late outcome, reported with the stale lease, does not land.
+    let stale_outcome = transition(&applying, Event::Delivered { status: 200 }, later).expect("o");
+    assert!(!store
+        .apply_transition(&applying, &stale_outcome)
+        .await
+        .expect("stale"));
+    let delivered = transition(&read, Event::Delivered { status: 201 }, later).expect("outcome");
+    assert!(store
+        .apply_transition(&read, &delivered)
+        .await
+        .expect("deliver"));
+    let done = store
+        .change(change.id)
+        .await
+        .expect("read")
+        .expect("present");
+    assert_eq!(done.state, State::Applied);
+    assert_eq!(done.outcome_status, Some(201));
+    assert_eq!(done.finished_at, Some(later));
+}
+
+async fn lapsed_changes_expire_once_across_instances(backend: Backend) {
+    let Some((store, db)) = store(backend).await else {
+        return;
+    };
+    // A second pool on the same database stands in for a second gate instance.
+    let other = Store::connect(&db.url).await.expect("second instance");
+    let t0 = now();
+    let mut lapsed = Vec::new();
+    for i in 0..250u64 {
+        let change = held_change("alice", t0 - Duration::from_secs(3600 + i));
+        store.insert_change(&change).await.expect("insert");
+        lapsed.push(change.id);
+    }
+    let fresh = held_change("alice", t0);
+    store.insert_change(&fresh).await.expect("insert");
+    let sweep = |store: Store| {
+        tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let batch = store.expire_lapsed(t0, 20).await.expect("sweep");
+                if batch.is_empty() {
+                    return mine;
+                }
+                mine.extend(batch);
+            }
+        })
+    };
+    let (a, b) = (sweep(store.clone()), sweep(other));
+    let mut expired = a.await.expect("join a");
+    expired.extend(b.await.expect("join b"));
+    let total = expired.len();
+    expired.sort();
+    expired.dedup();
+    assert_eq!(expired.len(), total, "a change was expired twice");
+    lapsed.sort();
+    assert_eq!(expired, lapsed);
+    let read = store
+        .change(fresh.id)
+        .await
+        .expect("read")
+        .expect("present");
+    assert_eq!(read.state, State::Held);
+    let one = store
+        .change(lapsed[0])
+        .await
+        .expect("read")
+        .expect("present");
+    assert_eq!(one.state, State::Expired);
+    assert_eq!(one.finished_at, Some(t0));
 }
 
 async fn changes_are_listed_newest_first_per_user(backend: Backend) {
