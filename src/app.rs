@@ -22,10 +22,24 @@ use crate::web::{
     api, assets, gateway, pages, same_origin_only, security_headers, AppInner, AppState,
 };
 
+/// Whether start-up applies database migrations (`serve --no-migrate` turns it off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migrations {
+    Apply,
+    Skip,
+}
+
 /// Builds the whole gate: its router and the state behind it.
-pub async fn build(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Router, AppState)> {
-    let store = Store::connect(&config.database_url).await?;
-    store.migrate().await?;
+pub async fn build(
+    config: Config,
+    clock: Arc<dyn Clock>,
+    migrations: Migrations,
+) -> anyhow::Result<(Router, AppState)> {
+    let store =
+        Store::connect_with_timeout(&config.database_url, config.limits.database_timeout).await?;
+    if migrations == Migrations::Apply {
+        store.migrate().await?;
+    }
     let webauthn = build_webauthn(&config.webauthn, &config).map_err(anyhow::Error::msg)?;
     let passkeys = Passkeys::new(webauthn, store.clone(), config.limits.ceremony_ttl);
     // A forward takes at most connect + upstream timeout; the lease outlasts it.

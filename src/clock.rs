@@ -75,3 +75,41 @@ pub fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
+
+/// For tests that run the real binary: the wall clock plus a whole number of seconds read from
+/// a file on every call, so a test moves time by writing the file instead of sleeping. It is
+/// compiled into debug builds only: a release binary's clock cannot be moved from outside.
+#[cfg(debug_assertions)]
+#[derive(Debug, Clone)]
+pub struct OffsetFileClock {
+    path: std::path::PathBuf,
+}
+
+#[cfg(debug_assertions)]
+impl OffsetFileClock {
+    pub fn new(path: impl Into<std::path::PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+}
+
+#[cfg(debug_assertions)]
+impl Clock for OffsetFileClock {
+    fn now(&self) -> OffsetDateTime {
+        let offset = std::fs::read_to_string(&self.path)
+            .ok()
+            .and_then(|text| text.trim().parse::<i64>().ok())
+            .unwrap_or(0);
+        OffsetDateTime::now_utc() + time::Duration::seconds(offset)
+    }
+}
+
+/// The clock a `stepgate` process uses: the system clock, or in debug builds the
+/// [`OffsetFileClock`] named by `STEPGATE_TEST_CLOCK_FILE`.
+pub fn process_clock() -> Arc<dyn Clock> {
+    #[cfg(debug_assertions)]
+    if let Ok(path) = std::env::var("STEPGATE_TEST_CLOCK_FILE") {
+        tracing::warn!(%path, "test clock in use: time is shifted by the offset in this file");
+        return Arc::new(OffsetFileClock::new(path));
+    }
+    Arc::new(SystemClock)
+}

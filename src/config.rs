@@ -43,6 +43,10 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// How long a started passkey ceremony stays usable.
     pub ceremony_ttl: Duration,
+    /// How long to wait for a database connection before answering 503.
+    pub database_timeout: Duration,
+    /// How often each instance expires lapsed changes and removes dead ceremonies/sessions.
+    pub sweep_interval: Duration,
 }
 
 /// A configuration problem, said in terms of the file or variable it came from.
@@ -117,6 +121,8 @@ struct FileLimits {
     upstream_timeout: Option<String>,
     connect_timeout: Option<String>,
     ceremony_ttl: Option<String>,
+    database_timeout: Option<String>,
+    sweep_interval: Option<String>,
 }
 
 /// A byte count written as an integer or as text such as `"64KiB"` (environment values are
@@ -339,7 +345,7 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
     if !(file.database_url.starts_with("sqlite:") || file.database_url.starts_with("postgres")) {
         return Err(err(
             "database_url",
-            "must start with sqlite: (for example sqlite://stepgate.db or sqlite::memory:)".into(),
+            "must start with sqlite: or postgres:// (for example sqlite://stepgate.db, sqlite::memory: or postgres://user@host/db)".into(),
         ));
     }
 
@@ -370,6 +376,10 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
             .map_err(|why| err("limits.connect_timeout", why))?,
         ceremony_ttl: duration_or(file.limits.ceremony_ttl, "5m")
             .map_err(|why| err("limits.ceremony_ttl", why))?,
+        database_timeout: duration_or(file.limits.database_timeout, "5s")
+            .map_err(|why| err("limits.database_timeout", why))?,
+        sweep_interval: duration_or(file.limits.sweep_interval, "30s")
+            .map_err(|why| err("limits.sweep_interval", why))?,
     };
 
     let mut rules = Vec::with_capacity(file.rules.len());

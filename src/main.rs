@@ -2,13 +2,15 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use stepgate::clock::SystemClock;
+use stepgate::app::Migrations;
+use stepgate::clock::process_clock;
 use stepgate::config::Config;
 use stepgate::server::Server;
+use stepgate::store::Store;
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +28,14 @@ enum Command {
     /// Run the gate in front of the exchange API described by the config file.
     Serve {
         /// The TOML configuration file (keys can be overridden with STEPGATE_* variables).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Do not apply database migrations at start-up (run `stepgate migrate` separately).
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Apply the database migrations for the configured database and exit.
+    Migrate {
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -71,11 +81,18 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve { config } => {
+        Command::Serve { config, no_migrate } => {
             let config = Config::load(&config)?;
-            let listener = tokio::net::TcpListener::bind(config.listen).await?;
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?;
             let public_url = config.public_url.clone();
-            let server = Server::bind(config, Arc::new(SystemClock), listener).await?;
+            let migrations = if no_migrate {
+                Migrations::Skip
+            } else {
+                Migrations::Apply
+            };
+            let server = Server::bind_with(config, process_clock(), listener, migrations).await?;
             tracing::info!(listen = %server.local_addr(), %public_url, "stepgate is serving");
             server.run_until(shutdown_signal()).await?;
             Ok(())
@@ -84,6 +101,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let cooling_off: Duration =
                 stepgate::config::parse_duration(&cooling_off).map_err(anyhow::Error::msg)?;
             stepgate::demo::run(stepgate::demo::DemoOptions { port, cooling_off }).await
+        }
+        Command::Migrate { config } => {
+            let config = Config::load(&config)?;
+            let store =
+                Store::connect_with_timeout(&config.database_url, config.limits.database_timeout)
+                    .await?;
+            store.migrate().await?;
+            println!("migrations applied to {}", redact_url(&config.database_url));
+            Ok(())
         }
         Command::CheckConfig { config: path } => {
             let config = Config::load(&path)?;
@@ -104,6 +130,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// A database URL without its password, for messages.
+fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
     }
 }
 

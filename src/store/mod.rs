@@ -35,6 +35,15 @@ impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         match &error {
             sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Duplicate,
+            // PostgreSQL's "connection exception" (08) and "operator intervention" (57: admin
+            // shutdown, crash recovery) classes mean the database is away, not that we erred.
+            sqlx::Error::Database(db)
+                if db
+                    .code()
+                    .is_some_and(|code| code.starts_with("08") || code.starts_with("57")) =>
+            {
+                StoreError::Unavailable(error)
+            }
             sqlx::Error::Io(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
@@ -114,8 +123,15 @@ const PASSKEY_COLUMNS: &str =
     "id, user_id, credential_id, name, passkey_json, backup_eligible, created_at, last_used_at";
 
 impl Store {
-    /// Connects to `sqlite:...` or `postgres://...`.
+    /// Connects to `sqlite:...` or `postgres://...` with the default 5 s acquire timeout.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        Self::connect_with_timeout(url, Duration::from_secs(5)).await
+    }
+
+    /// Connects; a request waits at most `timeout` for a connection before failing closed.
+    /// The pool connects lazily, so a gate starts (and passes traffic through) while its
+    /// database is down, and recovers by itself when it returns.
+    pub async fn connect_with_timeout(url: &str, timeout: Duration) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
@@ -126,7 +142,10 @@ impl Store {
                 "unsupported database URL scheme in {url}"
             )));
         };
-        let mut options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(5));
+        let mut options = AnyPoolOptions::new()
+            .acquire_timeout(timeout)
+            // A connection that died while idle (database restarted) is noticed before use.
+            .test_before_acquire(true);
         let url = match backend {
             Backend::Postgres => url.to_string(),
             Backend::Sqlite => {
@@ -157,7 +176,7 @@ impl Store {
                 sqlite_url_creating_file(url)
             }
         };
-        let pool = options.connect(&url).await?;
+        let pool = options.connect_lazy(&url)?;
         Ok(Store { pool, backend })
     }
 
