@@ -1,6 +1,8 @@
 //! One approval, one release: many simultaneous releases of the same due change reach the
 //! exchange exactly once.
 
+use crate::testdb::Backend;
+
 use axum::http::StatusCode;
 use serde_json::Value;
 
@@ -8,9 +10,10 @@ use crate::helpers::{enable_withdrawals, spawn_app};
 
 const RELEASES: usize = 50;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
-async fn fifty_concurrent_releases_of_one_change_reach_the_exchange_once() {
-    let app = spawn_app().await;
+async fn fifty_concurrent_releases_of_one_change_reach_the_exchange_once(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     alice.register_passkey().await;
     let change = enable_withdrawals("k1");
@@ -63,3 +66,5 @@ async fn fifty_concurrent_releases_of_one_change_reach_the_exchange_once() {
     );
     assert_eq!(alice.change_state(&id).await, "applied");
 }
+
+crate::on_both_backends!(fifty_concurrent_releases_of_one_change_reach_the_exchange_once);

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::testdb::{Backend, TestDb};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
@@ -20,7 +21,6 @@ use sha2::{Digest, Sha256};
 use stepgate::clock::{Clock, ManualClock};
 use stepgate::config::Config;
 use stepgate::server::Server;
-use tempfile::TempDir;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
@@ -274,6 +274,7 @@ pub enum IdentityKind {
 
 #[derive(Debug, Clone)]
 pub struct AppOptions {
+    pub backend: Backend,
     pub identity: IdentityKind,
     pub upstream_timeout: &'static str,
     pub ceremony_ttl: &'static str,
@@ -282,6 +283,7 @@ pub struct AppOptions {
 impl Default for AppOptions {
     fn default() -> Self {
         Self {
+            backend: Backend::Sqlite,
             identity: IdentityKind::Header,
             upstream_timeout: "2s",
             ceremony_ttl: "5m",
@@ -298,20 +300,26 @@ pub struct TestApp {
     pub clock: ManualClock,
     pub upstream: TestUpstream,
     pub identity: IdentityKind,
-    _database_dir: TempDir,
+    _database: TestDb,
 }
 
-pub async fn spawn_app() -> TestApp {
-    spawn_app_with(AppOptions::default()).await
+/// A gate on `backend` with the default options; `None` when that backend is unavailable
+/// outside CI (announced by `TestDb`).
+pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
+    spawn_app_with(AppOptions {
+        backend,
+        ..AppOptions::default()
+    })
+    .await
 }
 
-pub async fn spawn_app_with(options: AppOptions) -> TestApp {
+pub async fn spawn_app_with(options: AppOptions) -> Option<TestApp> {
+    let database = TestDb::new(options.backend).await?;
     let upstream = TestUpstream::start().await;
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind the gate listener");
     let port = listener.local_addr().expect("gate local address").port();
-    let database_dir = tempfile::tempdir().expect("a temporary directory for the database");
 
     let identity = match options.identity {
         IdentityKind::Header => "mode = \"header\"\nheader = \"x-user-id\"\n".to_string(),
@@ -328,7 +336,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
 listen = "127.0.0.1:{port}"
 public_url = "http://localhost:{port}"
 upstream = "{upstream}"
-database_url = "sqlite://{db}"
+database_url = "{db}"
 
 [limits]
 max_body_bytes = "64KiB"
@@ -351,7 +359,7 @@ confirm_within = "10m"
 summary = "Enable withdrawals on API key {{key_id}}"
 "#,
         upstream = upstream.url(),
-        db = database_dir.path().join("gate.db").display(),
+        db = database.url,
         upstream_timeout = options.upstream_timeout,
         ceremony_ttl = options.ceremony_ttl,
     );
@@ -366,14 +374,14 @@ summary = "Enable withdrawals on API key {{key_id}}"
         server.run().await.expect("the gate stopped with an error");
     });
 
-    TestApp {
+    Some(TestApp {
         address: format!("http://127.0.0.1:{port}"),
         origin: format!("http://localhost:{port}"),
         clock,
         upstream,
         identity: options.identity,
-        _database_dir: database_dir,
-    }
+        _database: database,
+    })
 }
 
 impl TestApp {

@@ -1,6 +1,8 @@
 //! Holding: what a held request's answer says, what the gate stores and shows, and which
 //! bodies it refuses outright (too large, not JSON) without ever forwarding them.
 
+use crate::testdb::Backend;
+
 use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
@@ -10,9 +12,10 @@ use crate::helpers::{
     ApiRequest,
 };
 
-#[tokio::test]
-async fn a_held_change_is_described_in_the_403_and_never_reaches_the_exchange() {
-    let app = spawn_app().await;
+async fn a_held_change_is_described_in_the_403_and_never_reaches_the_exchange(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
 
     let held = alice.hold(&enable_withdrawals("k1")).await;
@@ -68,40 +71,10 @@ async fn a_held_change_is_described_in_the_403_and_never_reaches_the_exchange() 
     );
 }
 
-#[tokio::test]
-async fn the_confirm_page_shows_the_change_in_plain_words() {
-    let app = spawn_app().await;
-    let alice = app.user("alice");
-    let held = alice.hold(&enable_withdrawals("k1")).await;
-
-    let page = alice
-        .request(
-            Method::GET,
-            &format!("/_stepgate/changes/{}", held.change_id),
-        )
-        .send()
-        .await
-        .expect("GET the confirm page");
-    assert_eq!(page.status(), StatusCode::OK);
-    let content_type = header_text(&page, "content-type").unwrap_or_default();
-    assert!(
-        content_type.starts_with("text/html"),
-        "the confirm page is HTML, got {content_type}"
-    );
-    let html = page.text().await.expect("read the confirm page");
-    assert!(
-        html.contains("Enable withdrawals on API key k1"),
-        "the page names the change: {html}"
-    );
-    assert!(
-        html.to_lowercase().contains("support"),
-        "the page warns that support will never ask for this: {html}"
-    );
-}
-
-#[tokio::test]
-async fn gate_answers_are_never_cached() {
-    let app = spawn_app().await;
+async fn gate_answers_are_never_cached(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
 
     let hold = alice.send(&enable_withdrawals("k1")).await;
@@ -133,9 +106,10 @@ async fn gate_answers_are_never_cached() {
     }
 }
 
-#[tokio::test]
-async fn a_body_over_the_limit_is_refused_413_and_never_forwarded() {
-    let app = spawn_app().await;
+async fn a_body_over_the_limit_is_refused_413_and_never_forwarded(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
 
     // Valid JSON asking for withdraw, padded past 64 KiB.
@@ -171,9 +145,10 @@ async fn a_body_over_the_limit_is_refused_413_and_never_forwarded() {
     );
 }
 
-#[tokio::test]
-async fn a_body_that_is_not_strict_json_is_refused_400_and_never_forwarded() {
-    let app = spawn_app().await;
+async fn a_body_that_is_not_strict_json_is_refused_400_and_never_forwarded(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     let change = enable_withdrawals("k1");
 
@@ -210,3 +185,10 @@ async fn a_body_that_is_not_strict_json_is_refused_400_and_never_forwarded() {
         "nothing was held either"
     );
 }
+
+crate::on_both_backends!(
+    a_held_change_is_described_in_the_403_and_never_reaches_the_exchange,
+    gate_answers_are_never_cached,
+    a_body_over_the_limit_is_refused_413_and_never_forwarded,
+    a_body_that_is_not_strict_json_is_refused_400_and_never_forwarded
+);

@@ -1,6 +1,8 @@
 //! Who the caller is: protected routes and gate pages refuse anyone the gate cannot identify
 //! (401 `unauthenticated`), in each identity mode, while unprotected traffic needs no identity.
 
+use crate::testdb::Backend;
+
 use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
@@ -45,9 +47,12 @@ async fn assert_refused(app: &TestApp, header: &str, identity: &str, what: &str)
     );
 }
 
-#[tokio::test]
-async fn without_identity_protected_routes_and_gate_pages_are_401_but_other_traffic_passes() {
-    let app = spawn_app().await;
+async fn without_identity_protected_routes_and_gate_pages_are_401_but_other_traffic_passes(
+    backend: Backend,
+) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let client = app.anonymous();
     let change = enable_withdrawals("k1");
 
@@ -99,9 +104,10 @@ async fn without_identity_protected_routes_and_gate_pages_are_401_but_other_traf
     assert_eq!(received[0].path_and_query, "/api/v1/markets?pair=BTC-EUR");
 }
 
-#[tokio::test]
-async fn gate_pages_without_identity_are_401_json() {
-    let app = spawn_app().await;
+async fn gate_pages_without_identity_are_401_json(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let client = app.anonymous();
     let id = uuid::Uuid::new_v4();
     for path in [
@@ -117,13 +123,16 @@ async fn gate_pages_without_identity_are_401_json() {
     }
 }
 
-#[tokio::test]
-async fn signed_identity_refuses_unsigned_forged_and_stale_values() {
-    let app = spawn_app_with(AppOptions {
+async fn signed_identity_refuses_unsigned_forged_and_stale_values(backend: Backend) {
+    let Some(app) = spawn_app_with(AppOptions {
+        backend,
         identity: IdentityKind::SignedHeader,
         ..AppOptions::default()
     })
-    .await;
+    .await
+    else {
+        return;
+    };
 
     // A correctly signed identity works.
     let alice = app.user("alice");
@@ -183,13 +192,18 @@ async fn signed_identity_refuses_unsigned_forged_and_stale_values() {
     assert_eq!(alice.list_changes().await.len(), 1, "only alice's own hold");
 }
 
-#[tokio::test]
-async fn jwt_identity_accepts_valid_tokens_and_refuses_expired_or_badly_signed_ones() {
-    let app = spawn_app_with(AppOptions {
+async fn jwt_identity_accepts_valid_tokens_and_refuses_expired_or_badly_signed_ones(
+    backend: Backend,
+) {
+    let Some(app) = spawn_app_with(AppOptions {
+        backend,
         identity: IdentityKind::Jwt,
         ..AppOptions::default()
     })
-    .await;
+    .await
+    else {
+        return;
+    };
     let now = app.now().unix_timestamp();
 
     // A valid bearer token identifies alice; her hold is hers alone.
@@ -273,3 +287,10 @@ async fn jwt_identity_accepts_valid_tokens_and_refuses_expired_or_badly_signed_o
     app.upstream.assert_saw_nothing("after bad tokens");
     assert_eq!(alice.list_changes().await.len(), 1, "only alice's own hold");
 }
+
+crate::on_both_backends!(
+    without_identity_protected_routes_and_gate_pages_are_401_but_other_traffic_passes,
+    gate_pages_without_identity_are_401_json,
+    signed_identity_refuses_unsigned_forged_and_stale_values,
+    jwt_identity_accepts_valid_tokens_and_refuses_expired_or_badly_signed_ones
+);

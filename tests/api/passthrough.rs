@@ -2,6 +2,8 @@
 //! multi-megabyte bodies both ways. Nothing is held, connection-scoped headers stay behind and
 //! the exchange learns who the client was from `X-Forwarded-*`.
 
+use crate::testdb::Backend;
+
 use axum::http::{Method, StatusCode};
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
@@ -10,9 +12,10 @@ use crate::helpers::{
     expect_json, header_text, pattern_chunks, pattern_sha256, spawn_app, ApiRequest, EIGHT_MIB,
 };
 
-#[tokio::test]
-async fn removing_the_withdrawal_permission_passes_straight_through() {
-    let app = spawn_app().await;
+async fn removing_the_withdrawal_permission_passes_straight_through(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
 
     let tighten = ApiRequest::json(
@@ -44,9 +47,10 @@ async fn removing_the_withdrawal_permission_passes_straight_through() {
     assert!(alice.list_changes().await.is_empty(), "nothing was held");
 }
 
-#[tokio::test]
-async fn other_endpoints_pass_through_without_identity() {
-    let app = spawn_app().await;
+async fn other_endpoints_pass_through_without_identity(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let client = app.anonymous();
 
     // A GET on the protected path: the rule only covers PUT and PATCH.
@@ -83,9 +87,10 @@ async fn other_endpoints_pass_through_without_identity() {
     );
 }
 
-#[tokio::test]
-async fn a_streamed_eight_mebibyte_upload_arrives_intact() {
-    let app = spawn_app().await;
+async fn a_streamed_eight_mebibyte_upload_arrives_intact(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
 
     // No Content-Length: the body is sent chunked, as it is produced.
@@ -113,9 +118,10 @@ async fn a_streamed_eight_mebibyte_upload_arrives_intact() {
     assert!(alice.list_changes().await.is_empty(), "nothing was held");
 }
 
-#[tokio::test]
-async fn a_streamed_eight_mebibyte_download_arrives_intact() {
-    let app = spawn_app().await;
+async fn a_streamed_eight_mebibyte_download_arrives_intact(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let response = app
         .anonymous()
         .get(app.url(&format!("/download/{EIGHT_MIB}")))
@@ -141,9 +147,10 @@ async fn a_streamed_eight_mebibyte_download_arrives_intact() {
     assert_eq!(digest, pattern_sha256(EIGHT_MIB));
 }
 
-#[tokio::test]
-async fn hop_by_hop_request_headers_stay_behind_and_forwarding_headers_are_set() {
-    let app = spawn_app().await;
+async fn hop_by_hop_request_headers_stay_behind_and_forwarding_headers_are_set(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let port = app.address.rsplit(':').next().expect("a port").to_string();
     let response = app
         .anonymous()
@@ -192,9 +199,10 @@ async fn hop_by_hop_request_headers_stay_behind_and_forwarding_headers_are_set()
     );
 }
 
-#[tokio::test]
-async fn hop_by_hop_response_headers_stay_behind() {
-    let app = spawn_app().await;
+async fn hop_by_hop_response_headers_stay_behind(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
 
     // The stand-in really does send them (so this test can fail).
     let direct = reqwest::get(format!("{}/hop-by-hop", app.upstream.url()))
@@ -229,3 +237,12 @@ async fn hop_by_hop_response_headers_stay_behind() {
         );
     }
 }
+
+crate::on_both_backends!(
+    removing_the_withdrawal_permission_passes_straight_through,
+    other_endpoints_pass_through_without_identity,
+    a_streamed_eight_mebibyte_upload_arrives_intact,
+    a_streamed_eight_mebibyte_download_arrives_intact,
+    hop_by_hop_request_headers_stay_behind_and_forwarding_headers_are_set,
+    hop_by_hop_response_headers_stay_behind
+);

@@ -2,6 +2,8 @@
 //! leaves behind (the exchange never sees a refused request; the change keeps its state
 //! unless the refusal is the deadline itself).
 
+use crate::testdb::Backend;
+
 use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
@@ -16,9 +18,10 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 // ---------------------------------------------------------------------------------------------
 // Release refusals.
 
-#[tokio::test]
-async fn a_release_that_differs_from_the_held_request_is_change_mismatch() {
-    let app = spawn_app().await;
+async fn a_release_that_differs_from_the_held_request_is_change_mismatch(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     alice.register_passkey().await;
     let change = enable_withdrawals("k1").with_path("/api/v1/api-keys/k1?source=settings");
@@ -75,9 +78,10 @@ async fn a_release_that_differs_from_the_held_request_is_change_mismatch() {
     assert_eq!(received[0].body.as_ref(), change.body.as_slice());
 }
 
-#[tokio::test]
-async fn a_release_before_confirmation_is_not_confirmed() {
-    let app = spawn_app().await;
+async fn a_release_before_confirmation_is_not_confirmed(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     alice.register_passkey().await;
     let change = enable_withdrawals("k1");
@@ -105,9 +109,10 @@ async fn a_release_before_confirmation_is_not_confirmed() {
         .assert_saw_nothing("after releases of unconfirmed changes");
 }
 
-#[tokio::test]
-async fn a_cancelled_change_is_never_released() {
-    let app = spawn_app().await;
+async fn a_cancelled_change_is_never_released(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     alice.register_passkey().await;
 
@@ -144,9 +149,10 @@ async fn a_cancelled_change_is_never_released() {
     assert_eq!(alice.change_state(&id).await, "cancelled");
 }
 
-#[tokio::test]
-async fn an_applied_change_cannot_be_cancelled() {
-    let app = spawn_app().await;
+async fn an_applied_change_cannot_be_cancelled(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     alice.register_passkey().await;
     let change = enable_withdrawals("k1");
@@ -163,9 +169,10 @@ async fn an_applied_change_cannot_be_cancelled() {
     assert_eq!(alice.change_state(&id).await, "applied");
 }
 
-#[tokio::test]
-async fn a_release_after_the_release_window_is_change_expired() {
-    let app = spawn_app().await;
+async fn a_release_after_the_release_window_is_change_expired(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     alice.register_passkey().await;
     let early_bird = enable_withdrawals("k1");
@@ -195,9 +202,10 @@ async fn a_release_after_the_release_window_is_change_expired() {
 // ---------------------------------------------------------------------------------------------
 // The confirmation deadline.
 
-#[tokio::test]
-async fn a_change_not_confirmed_within_confirm_within_expires() {
-    let app = spawn_app().await;
+async fn a_change_not_confirmed_within_confirm_within_expires(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     alice.register_passkey().await;
     let change = enable_withdrawals("k1");
@@ -222,9 +230,12 @@ async fn a_change_not_confirmed_within_confirm_within_expires() {
     app.upstream.assert_saw_nothing("after an expired change");
 }
 
-#[tokio::test]
-async fn a_confirmation_finished_after_confirm_within_is_refused_and_expires_the_change() {
-    let app = spawn_app().await;
+async fn a_confirmation_finished_after_confirm_within_is_refused_and_expires_the_change(
+    backend: Backend,
+) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     alice.register_passkey().await;
     let held = alice.hold(&enable_withdrawals("k1")).await;
@@ -242,9 +253,10 @@ async fn a_confirmation_finished_after_confirm_within_is_refused_and_expires_the
     assert_eq!(alice.change_state(&held.change_id).await, "expired");
 }
 
-#[tokio::test]
-async fn a_confirmation_just_inside_confirm_within_succeeds() {
-    let app = spawn_app().await;
+async fn a_confirmation_just_inside_confirm_within_succeeds(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     alice.register_passkey().await;
     let held = alice.hold(&enable_withdrawals("k1")).await;
@@ -256,9 +268,10 @@ async fn a_confirmation_just_inside_confirm_within_succeeds() {
 // ---------------------------------------------------------------------------------------------
 // Other people's changes and passkeys.
 
-#[tokio::test]
-async fn another_users_change_is_not_found() {
-    let app = spawn_app().await;
+async fn another_users_change_is_not_found(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     let mallory = app.user("mallory");
     alice.register_passkey().await;
@@ -307,9 +320,10 @@ async fn another_users_change_is_not_found() {
     assert_eq!(app.upstream.received().len(), 1);
 }
 
-#[tokio::test]
-async fn an_unknown_change_id_is_not_found() {
-    let app = spawn_app().await;
+async fn an_unknown_change_id_is_not_found(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     alice.register_passkey().await;
     let unknown = uuid::Uuid::new_v4().to_string();
@@ -342,9 +356,10 @@ async fn an_unknown_change_id_is_not_found() {
         .assert_saw_nothing("after releasing an unknown change");
 }
 
-#[tokio::test]
-async fn another_users_passkey_cannot_confirm_a_change() {
-    let app = spawn_app().await;
+async fn another_users_passkey_cannot_confirm_a_change(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     let mallory = app.user("mallory");
     alice.register_passkey().await;
@@ -371,9 +386,10 @@ async fn another_users_passkey_cannot_confirm_a_change() {
 // ---------------------------------------------------------------------------------------------
 // Ceremonies and assertions.
 
-#[tokio::test]
-async fn a_replayed_assertion_is_refused() {
-    let app = spawn_app().await;
+async fn a_replayed_assertion_is_refused(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     alice.register_passkey().await;
 
@@ -398,9 +414,10 @@ async fn a_replayed_assertion_is_refused() {
     assert_eq!(alice.change_state(&second.change_id).await, "held");
 }
 
-#[tokio::test]
-async fn a_confirmation_ceremony_is_single_use() {
-    let app = spawn_app().await;
+async fn a_confirmation_ceremony_is_single_use(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     alice.register_passkey().await;
     let held = alice.hold(&enable_withdrawals("k1")).await;
@@ -421,9 +438,10 @@ async fn a_confirmation_ceremony_is_single_use() {
     expect_error(response, StatusCode::BAD_REQUEST, "ceremony_invalid").await;
 }
 
-#[tokio::test]
-async fn a_registration_ceremony_is_single_use() {
-    let app = spawn_app().await;
+async fn a_registration_ceremony_is_single_use(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
 
     let ceremony = alice.start_registration().await;
@@ -441,9 +459,10 @@ async fn a_registration_ceremony_is_single_use() {
     expect_error(response, StatusCode::BAD_REQUEST, "ceremony_invalid").await;
 }
 
-#[tokio::test]
-async fn a_ceremony_finished_from_another_session_is_invalid() {
-    let app = spawn_app().await;
+async fn a_ceremony_finished_from_another_session_is_invalid(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     alice.register_passkey().await;
     let held = alice.hold(&enable_withdrawals("k1")).await;
@@ -459,13 +478,16 @@ async fn a_ceremony_finished_from_another_session_is_invalid() {
     assert_eq!(alice.change_state(&held.change_id).await, "held");
 }
 
-#[tokio::test]
-async fn an_unknown_or_expired_ceremony_is_invalid() {
-    let app = spawn_app_with(AppOptions {
+async fn an_unknown_or_expired_ceremony_is_invalid(backend: Backend) {
+    let Some(app) = spawn_app_with(AppOptions {
+        backend,
         ceremony_ttl: "5m",
         ..AppOptions::default()
     })
-    .await;
+    .await
+    else {
+        return;
+    };
     let alice = app.user("alice");
     alice.register_passkey().await;
     let held = alice.hold(&enable_withdrawals("k1")).await;
@@ -497,9 +519,10 @@ async fn an_unknown_or_expired_ceremony_is_invalid() {
     assert_eq!(alice.change_state(&held.change_id).await, "held");
 }
 
-#[tokio::test]
-async fn a_confirmation_without_user_verification_is_refused() {
-    let app = spawn_app().await;
+async fn a_confirmation_without_user_verification_is_refused(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     alice.register_passkey().await;
     let held = alice.hold(&enable_withdrawals("k1")).await;
@@ -521,9 +544,10 @@ async fn a_confirmation_without_user_verification_is_refused() {
     assert_eq!(alice.change_state(&held.change_id).await, "held");
 }
 
-#[tokio::test]
-async fn a_passkey_registered_without_user_verification_is_refused() {
-    let app = spawn_app().await;
+async fn a_passkey_registered_without_user_verification_is_refused(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
 
     let ceremony = alice.start_registration().await;
@@ -550,9 +574,10 @@ async fn a_passkey_registered_without_user_verification_is_refused() {
     .await;
 }
 
-#[tokio::test]
-async fn confirming_without_a_registered_passkey_is_no_passkey() {
-    let app = spawn_app().await;
+async fn confirming_without_a_registered_passkey_is_no_passkey(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     let held = alice.hold(&enable_withdrawals("k1")).await;
     expect_error(
@@ -564,9 +589,10 @@ async fn confirming_without_a_registered_passkey_is_no_passkey() {
     assert_eq!(alice.change_state(&held.change_id).await, "held");
 }
 
-#[tokio::test]
-async fn confirming_a_change_that_is_no_longer_held_is_change_not_held() {
-    let app = spawn_app().await;
+async fn confirming_a_change_that_is_no_longer_held_is_change_not_held(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     alice.register_passkey().await;
     let held = alice.hold(&enable_withdrawals("k1")).await;
@@ -587,9 +613,10 @@ async fn confirming_a_change_that_is_no_longer_held_is_change_not_held() {
 // ---------------------------------------------------------------------------------------------
 // Cross-site requests.
 
-#[tokio::test]
-async fn state_changing_calls_from_another_origin_are_refused() {
-    let app = spawn_app().await;
+async fn state_changing_calls_from_another_origin_are_refused(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     alice.register_passkey().await;
     let held = alice.hold(&enable_withdrawals("k1")).await;
@@ -627,3 +654,27 @@ async fn state_changing_calls_from_another_origin_are_refused() {
     expect_json(response, StatusCode::OK).await;
     assert_eq!(alice.change_state(id).await, "cancelled");
 }
+
+crate::on_both_backends!(
+    a_release_that_differs_from_the_held_request_is_change_mismatch,
+    a_release_before_confirmation_is_not_confirmed,
+    a_cancelled_change_is_never_released,
+    an_applied_change_cannot_be_cancelled,
+    a_release_after_the_release_window_is_change_expired,
+    a_change_not_confirmed_within_confirm_within_expires,
+    a_confirmation_finished_after_confirm_within_is_refused_and_expires_the_change,
+    a_confirmation_just_inside_confirm_within_succeeds,
+    another_users_change_is_not_found,
+    an_unknown_change_id_is_not_found,
+    another_users_passkey_cannot_confirm_a_change,
+    a_replayed_assertion_is_refused,
+    a_confirmation_ceremony_is_single_use,
+    a_registration_ceremony_is_single_use,
+    a_ceremony_finished_from_another_session_is_invalid,
+    an_unknown_or_expired_ceremony_is_invalid,
+    a_confirmation_without_user_verification_is_refused,
+    a_passkey_registered_without_user_verification_is_refused,
+    confirming_without_a_registered_passkey_is_no_passkey,
+    confirming_a_change_that_is_no_longer_held_is_change_not_held,
+    state_changing_calls_from_another_origin_are_refused
+);

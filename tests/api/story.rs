@@ -1,6 +1,8 @@
 //! The whole product loop: a change that enables withdrawals is held, confirmed with a passkey,
 //! waits out its cooling-off and is then released to the exchange exactly once.
 
+use crate::testdb::Backend;
+
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -10,9 +12,12 @@ use crate::helpers::{
     spawn_app,
 };
 
-#[tokio::test]
-async fn a_withdrawal_change_is_held_confirmed_cooled_off_and_released_exactly_once() {
-    let app = spawn_app().await;
+async fn a_withdrawal_change_is_held_confirmed_cooled_off_and_released_exactly_once(
+    backend: Backend,
+) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
     let alice = app.user("alice");
     alice.register_passkey().await;
 
@@ -110,3 +115,7 @@ async fn a_withdrawal_change_is_held_confirmed_cooled_off_and_released_exactly_o
     assert_eq!(listed[0]["state"], "applied");
     assert_eq!(listed[0]["summary"], "Enable withdrawals on API key k1");
 }
+
+crate::on_both_backends!(
+    a_withdrawal_change_is_held_confirmed_cooled_off_and_released_exactly_once
+);

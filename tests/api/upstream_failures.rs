@@ -1,14 +1,17 @@
 //! When the exchange is down or slow the gate says so in JSON (502 / 504), never a bare 500.
 
+use crate::testdb::Backend;
+
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 
 use crate::helpers::{expect_error, expect_json, spawn_app, spawn_app_with, AppOptions};
 
-#[tokio::test]
-async fn a_stopped_upstream_is_502_upstream_unreachable() {
-    let mut app = spawn_app().await;
+async fn a_stopped_upstream_is_502_upstream_unreachable(backend: Backend) {
+    let Some(mut app) = spawn_app(backend).await else {
+        return;
+    };
     app.upstream.stop().await;
 
     let response = app
@@ -33,13 +36,16 @@ async fn a_stopped_upstream_is_502_upstream_unreachable() {
     .await;
 }
 
-#[tokio::test]
-async fn a_slow_upstream_is_504_upstream_timeout() {
-    let app = spawn_app_with(AppOptions {
+async fn a_slow_upstream_is_504_upstream_timeout(backend: Backend) {
+    let Some(app) = spawn_app_with(AppOptions {
+        backend,
         upstream_timeout: "1s",
         ..AppOptions::default()
     })
-    .await;
+    .await
+    else {
+        return;
+    };
 
     // Fast answers are unaffected by the timeout.
     let fast = app
@@ -64,3 +70,8 @@ async fn a_slow_upstream_is_504_upstream_timeout() {
         "the gate gives up after about the 1s upstream_timeout, took {waited:?}"
     );
 }
+
+crate::on_both_backends!(
+    a_stopped_upstream_is_502_upstream_unreachable,
+    a_slow_upstream_is_504_upstream_timeout
+);
