@@ -11,7 +11,7 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::identity::{IdentitySettings, JwtAlgorithm, JwtSettings};
-use crate::policy::{Condition, ConditionTest, Rule, RuleSet};
+use crate::policy::{Condition, ConditionTest, ExtraMediaType, Rule, RuleSet, RuleSpec};
 
 /// Everything the gate needs to run, validated.
 #[derive(Debug, Clone)]
@@ -23,6 +23,9 @@ pub struct Config {
     pub database_url: String,
     pub webauthn: WebauthnSettings,
     pub identity: IdentitySettings,
+    /// The header the gate sets to the verified user on protected requests it forwards, after
+    /// removing any copy a client sent (on every request).
+    pub upstream_identity_header: Option<http::HeaderName>,
     pub limits: Limits,
     pub rules: RuleSet,
 }
@@ -112,6 +115,7 @@ struct FileIdentity {
     issuer: Option<String>,
     audience: Option<String>,
     leeway: Option<String>,
+    upstream_header: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -146,6 +150,12 @@ struct FileRule {
     confirm_within: String,
     release_within: Option<String>,
     summary: String,
+    #[serde(default)]
+    case_insensitive: bool,
+    #[serde(default)]
+    fold_case: bool,
+    #[serde(default)]
+    content_types: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -361,6 +371,35 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
         ));
     }
 
+    let upstream_identity_header = match &file.identity.upstream_header {
+        None => None,
+        Some(name) => {
+            let name = http::HeaderName::try_from(name.to_ascii_lowercase())
+                .map_err(|_| err("identity.upstream_header", "not a valid header name".into()))?;
+            let clashes = file
+                .identity
+                .header
+                .as_deref()
+                .is_some_and(|h| h.eq_ignore_ascii_case(name.as_str()))
+                || name.as_str().starts_with("stepgate-")
+                || [
+                    "host",
+                    "connection",
+                    "authorization",
+                    "cookie",
+                    "content-type",
+                    "content-length",
+                ]
+                .contains(&name.as_str());
+            if clashes {
+                return Err(err(
+                    "identity.upstream_header",
+                    format!("`{name}` is used for something else; pick a header of its own, like x-verified-user"),
+                ));
+            }
+            Some(name)
+        }
+    };
     let identity = validate_identity(file.identity, source)?;
 
     let limits = Limits {
@@ -399,6 +438,7 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
             rp_name: file.webauthn.rp_name,
         },
         identity,
+        upstream_identity_header,
         limits,
         rules,
     })
@@ -541,16 +581,30 @@ fn validate_rule(rule: FileRule) -> Result<Rule, String> {
             Condition::new(&condition.pointer, test).map_err(|e| format!("when[{index}]: {e}"))?,
         );
     }
-    Rule::new(
-        rule.name,
-        &rule.methods,
-        &rule.path,
+    let content_types = rule
+        .content_types
+        .iter()
+        .map(|t| match t.as_str() {
+            "application/x-www-form-urlencoded" => Ok(ExtraMediaType::FormUrlEncoded),
+            other => Err(format!(
+                "content_types: `{other}` cannot be parsed strictly; JSON is always accepted and \
+                 application/x-www-form-urlencoded can be added"
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Rule::new(RuleSpec {
+        name: rule.name,
+        methods: rule.methods,
+        path: rule.path,
         conditions,
         cooling_off,
         confirm_within,
         release_within,
-        rule.summary,
-    )
+        summary: rule.summary,
+        case_insensitive: rule.case_insensitive,
+        fold_case: rule.fold_case,
+        content_types,
+    })
 }
 
 fn toml_to_json(value: toml::Value) -> Result<serde_json::Value, String> {

@@ -21,6 +21,8 @@ pub enum GateError {
     InvalidPath(PathError),
     #[error("the request body cannot be read strictly: {0}")]
     InvalidBody(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     #[error("the request body is larger than {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("{0}")]
@@ -63,6 +65,9 @@ impl GateError {
             InvalidPath(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
             InvalidBody(_) => (StatusCode::BAD_REQUEST, "invalid_body"),
             BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
             BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             CrossOrigin => (StatusCode::FORBIDDEN, "cross_origin"),
             Refused(refusal) => refusal_status(*refusal),

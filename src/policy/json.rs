@@ -104,6 +104,28 @@ impl StrictValue {
     }
 }
 
+/// Lower-cases every object key and string value (Unicode case folding by `to_lowercase`), for
+/// rules whose upstream ignores case. Two keys that fold to the same text are refused: which
+/// one the upstream would use is anybody's guess.
+pub fn fold_case(value: &Value) -> Result<Value, String> {
+    Ok(match value {
+        Value::String(text) => Value::String(text.to_lowercase()),
+        Value::Array(items) => Value::Array(items.iter().map(fold_case).collect::<Result<_, _>>()?),
+        Value::Object(object) => {
+            let mut folded = Map::new();
+            for (key, item) in object {
+                let key = key.to_lowercase();
+                if folded.contains_key(&key) {
+                    return Err(format!("keys that differ only in case (`{key}`)"));
+                }
+                folded.insert(key, fold_case(item)?);
+            }
+            Value::Object(folded)
+        }
+        other => other.clone(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,5 +156,16 @@ mod tests {
         assert!(parse_strict(deep.as_bytes()).is_err());
         let ok = "[".repeat(MAX_DEPTH) + &"]".repeat(MAX_DEPTH);
         assert!(parse_strict(ok.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn folding_lowercases_keys_and_strings_and_refuses_case_twins() {
+        let v = parse_strict(r#"{"Permissions":["WITHDRAW","Read"],"n":1}"#.as_bytes()).unwrap();
+        assert_eq!(
+            fold_case(&v).unwrap(),
+            serde_json::json!({"permissions":["withdraw","read"],"n":1})
+        );
+        let twins = parse_strict(br#"{"permissions":[],"Permissions":["withdraw"]}"#).unwrap();
+        assert!(fold_case(&twins).is_err());
     }
 }

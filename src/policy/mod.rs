@@ -3,6 +3,7 @@
 //! this rule". Route matching is cheap and allocation-free for unprotected requests, so the
 //! pass-through path pays almost nothing; only a route that a rule names has its body read.
 
+pub mod form;
 pub mod json;
 pub mod path;
 
@@ -42,6 +43,19 @@ impl Condition {
         })
     }
 
+    /// The same condition for a case-folded body: pointer and expected values folded alike.
+    fn folded(&self) -> Result<Self, String> {
+        let fold = |v: &Value| json::fold_case(v);
+        Ok(Self {
+            pointer: self.pointer.to_lowercase(),
+            test: match &self.test {
+                ConditionTest::Contains(v) => ConditionTest::Contains(fold(v)?),
+                ConditionTest::Equals(v) => ConditionTest::Equals(fold(v)?),
+                ConditionTest::Exists(b) => ConditionTest::Exists(*b),
+            },
+        })
+    }
+
     pub fn holds(&self, body: &Value) -> bool {
         let target = body.pointer(&self.pointer);
         match (&self.test, target) {
@@ -59,12 +73,40 @@ impl Condition {
     }
 }
 
+/// Body media types a rule can accept besides JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtraMediaType {
+    FormUrlEncoded,
+}
+
+/// Everything that describes a rule, as the config file gives it.
+#[derive(Debug, Clone)]
+pub struct RuleSpec {
+    pub name: String,
+    pub methods: Vec<String>,
+    pub path: String,
+    pub conditions: Vec<Condition>,
+    pub cooling_off: Duration,
+    pub confirm_within: Duration,
+    pub release_within: Duration,
+    pub summary: String,
+    /// Match the path ignoring ASCII case, for upstreams that route that way.
+    pub case_insensitive: bool,
+    /// Evaluate conditions on a body whose keys and string values are lower-cased.
+    pub fold_case: bool,
+    /// Media types accepted besides JSON.
+    pub content_types: Vec<ExtraMediaType>,
+}
+
 /// One protected kind of change.
 #[derive(Debug, Clone)]
 pub struct Rule {
     pub name: String,
     methods: Vec<Method>,
     path: PathTemplate,
+    case_insensitive: bool,
+    fold_case: bool,
+    content_types: Vec<ExtraMediaType>,
     conditions: Vec<Condition>,
     pub cooling_off: Duration,
     pub confirm_within: Duration,
@@ -74,17 +116,8 @@ pub struct Rule {
 }
 
 impl Rule {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        name: String,
-        methods: &[String],
-        path: &str,
-        conditions: Vec<Condition>,
-        cooling_off: Duration,
-        confirm_within: Duration,
-        release_within: Duration,
-        summary: String,
-    ) -> Result<Self, String> {
+    pub fn new(spec: RuleSpec) -> Result<Self, String> {
+        let name = spec.name;
         if name.is_empty()
             || !name
                 .bytes()
@@ -92,10 +125,11 @@ impl Rule {
         {
             return Err("name must be letters, digits, - and _".into());
         }
-        if methods.is_empty() {
+        if spec.methods.is_empty() {
             return Err("methods must name at least one method".into());
         }
-        let methods = methods
+        let methods = spec
+            .methods
             .iter()
             .map(|m| {
                 if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
@@ -104,17 +138,28 @@ impl Rule {
                 Method::from_bytes(m.as_bytes()).map_err(|_| format!("`{m}` is not a method"))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let path = PathTemplate::parse(path)?;
-        check_summary(&summary, &path)?;
+        let path = PathTemplate::parse(&spec.path)?;
+        check_summary(&spec.summary, &path)?;
+        let conditions = if spec.fold_case {
+            spec.conditions
+                .iter()
+                .map(Condition::folded)
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            spec.conditions
+        };
         Ok(Self {
             name,
             methods,
             path,
+            case_insensitive: spec.case_insensitive,
+            fold_case: spec.fold_case,
+            content_types: spec.content_types,
             conditions,
-            cooling_off,
-            confirm_within,
-            release_within,
-            summary,
+            cooling_off: spec.cooling_off,
+            confirm_within: spec.confirm_within,
+            release_within: spec.release_within,
+            summary: spec.summary,
         })
     }
 
@@ -212,15 +257,16 @@ impl RuleSet {
         self.rules.iter().find(|r| r.name == name)
     }
 
-    /// The rules whose method and path match, in order. Empty (and allocation-free) for the
-    /// unprotected majority of requests.
-    pub fn candidates(&self, method: &Method, canonical_path: &str) -> Vec<RouteMatch<'_>> {
+    /// The rules one of whose methods is in `methods` and whose path matches, in order. The
+    /// caller passes every method the request could be read as (see [`methods_to_match`]).
+    /// Empty (and allocation-free) for the unprotected majority of requests.
+    pub fn candidates(&self, methods: &[&Method], canonical_path: &str) -> Vec<RouteMatch<'_>> {
         let mut found = Vec::new();
         for rule in &self.rules {
-            if !rule.methods.contains(method) {
+            if !methods.iter().any(|m| rule.methods.contains(m)) {
                 continue;
             }
-            if let Some(params) = rule.path.matches(canonical_path) {
+            if let Some(params) = rule.path.matches(canonical_path, rule.case_insensitive) {
                 found.push(RouteMatch {
                     rule,
                     params: params
@@ -234,31 +280,160 @@ impl RuleSet {
     }
 }
 
+/// The headers frameworks honour to change a request's method.
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Whether the request could be read as another method at all; false for almost every
+/// request, which then matches on its own method without allocating.
+pub fn may_override_method(
+    method: &Method,
+    headers: &http::HeaderMap,
+    query: Option<&str>,
+) -> bool {
+    *method == Method::HEAD
+        || *method == Method::OPTIONS
+        || METHOD_OVERRIDE_HEADERS.iter().any(|h| headers.contains_key(*h))
+        // Conservative: any escape could spell `_method`, so it takes the careful path too.
+        || query.is_some_and(|q| {
+            q.contains('%') || q.as_bytes().windows(6).any(|w| w.eq_ignore_ascii_case(b"method"))
+        })
+}
+
+/// Every method an upstream could read this request as: the request's own, `GET` for `HEAD`
+/// and `OPTIONS` (frameworks route them to GET handlers), and any override named in the
+/// method-override headers or a `_method` query parameter. Matching on all of them means an
+/// override can only add holds, never remove one; the request is forwarded unchanged.
+pub fn methods_to_match(
+    method: &Method,
+    headers: &http::HeaderMap,
+    query: Option<&str>,
+) -> Vec<Method> {
+    let mut methods = vec![method.clone()];
+    if *method == Method::HEAD || *method == Method::OPTIONS {
+        methods.push(Method::GET);
+    }
+    let overrides = METHOD_OVERRIDE_HEADERS
+        .iter()
+        .flat_map(|name| headers.get_all(*name).iter())
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_string);
+    let from_query = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .filter(|(name, _)| path::decode_for_display(name).eq_ignore_ascii_case("_method"))
+        .map(|(_, value)| path::decode_for_display(value));
+    for name in overrides.chain(from_query) {
+        for name in name.split(',') {
+            if let Ok(m) = Method::from_bytes(name.trim().to_ascii_uppercase().as_bytes()) {
+                if !methods.contains(&m) {
+                    methods.push(m);
+                }
+            }
+        }
+    }
+    methods
+}
+
 /// The decision for a request whose route some rule names.
 pub enum Decision<'a> {
     Hold(RouteMatch<'a>),
     PassThrough,
 }
 
-/// Why a protected route's body could not be judged. The client's fault: 400.
+/// Why a protected route's body could not be judged. The client's fault.
 #[derive(Debug)]
-pub struct BodyError(pub String);
+pub enum BodyError {
+    /// Malformed or ambiguous: 400.
+    Invalid(String),
+    /// A media type or content coding the gate will not judge: 415.
+    Unsupported(String),
+}
+
+/// The parts of a protected request's body the decision needs.
+pub struct BodyView<'a> {
+    pub content_type: Option<&'a [u8]>,
+    pub content_encoding: Option<&'a [u8]>,
+    pub bytes: &'a [u8],
+}
 
 /// Decides among route candidates given the buffered body. The body is parsed strictly, once,
-/// and only when some candidate's conditions need it; a body that cannot be parsed is refused,
-/// never forwarded.
-pub fn decide<'a>(candidates: Vec<RouteMatch<'a>>, body: &[u8]) -> Result<Decision<'a>, BodyError> {
-    let parsed = if candidates.iter().any(|c| c.rule.needs_body()) {
-        Some(json::parse_strict(body).map_err(BodyError)?)
+/// by the parser its media type names, whenever it is non-empty or a condition needs it; a body
+/// that cannot be parsed is refused, never forwarded.
+pub fn decide<'a>(
+    candidates: Vec<RouteMatch<'a>>,
+    body: &BodyView<'_>,
+) -> Result<Decision<'a>, BodyError> {
+    let needs_parse = !body.bytes.is_empty() || candidates.iter().any(|c| c.rule.needs_body());
+    let parsed = if needs_parse {
+        Some(parse_body(&candidates, body)?)
     } else {
         None
     };
+    let mut folded = None;
     for candidate in candidates {
-        if candidate.rule.body_matches(parsed.as_ref()) {
+        let view = match (&parsed, candidate.rule.fold_case) {
+            (Some(value), true) => {
+                if folded.is_none() {
+                    folded = Some(json::fold_case(value).map_err(BodyError::Invalid)?);
+                }
+                folded.as_ref()
+            }
+            (value, _) => value.as_ref(),
+        };
+        if candidate.rule.body_matches(view) {
             return Ok(Decision::Hold(candidate));
         }
     }
     Ok(Decision::PassThrough)
+}
+
+fn parse_body(candidates: &[RouteMatch<'_>], body: &BodyView<'_>) -> Result<Value, BodyError> {
+    if let Some(coding) = body.content_encoding {
+        if !coding.eq_ignore_ascii_case(b"identity") {
+            return Err(BodyError::Unsupported(
+                "a compressed or encoded body (Content-Encoding) cannot be judged; send it as identity".into(),
+            ));
+        }
+    }
+    let content_type = body
+        .content_type
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .ok_or_else(|| {
+            BodyError::Unsupported("the request needs a Content-Type: application/json".into())
+        })?;
+    let mut parts = content_type.split(';');
+    let essence = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+    for parameter in parts {
+        let (name, value) = parameter.split_once('=').unwrap_or((parameter, ""));
+        if name.trim().eq_ignore_ascii_case("charset")
+            && !value.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
+        {
+            return Err(BodyError::Unsupported(
+                "only UTF-8 bodies can be judged".into(),
+            ));
+        }
+    }
+    let is_json = essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"));
+    if is_json {
+        return json::parse_strict(body.bytes).map_err(BodyError::Invalid);
+    }
+    let form_allowed = candidates.iter().any(|c| {
+        c.rule
+            .content_types
+            .contains(&ExtraMediaType::FormUrlEncoded)
+    });
+    if essence == "application/x-www-form-urlencoded" && form_allowed {
+        return form::parse_form_strict(body.bytes).map_err(BodyError::Invalid);
+    }
+    Err(BodyError::Unsupported(format!(
+        "`{essence}` bodies are not accepted on this route; send application/json"
+    )))
 }
 
 #[cfg(test)]
@@ -266,45 +441,54 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn rule(conditions: Vec<Condition>) -> Rule {
-        Rule::new(
-            "enable-withdrawals".into(),
-            &["PUT".into(), "PATCH".into()],
-            "/api/v1/api-keys/{key_id}",
+    fn spec(conditions: Vec<Condition>) -> RuleSpec {
+        RuleSpec {
+            name: "enable-withdrawals".into(),
+            methods: vec!["PUT".into(), "PATCH".into()],
+            path: "/api/v1/api-keys/{key_id}".into(),
             conditions,
-            Duration::from_secs(86400),
-            Duration::from_secs(600),
-            Duration::from_secs(86400),
-            "Enable withdrawals on API key {key_id}".into(),
-        )
-        .unwrap()
+            cooling_off: Duration::from_secs(86400),
+            confirm_within: Duration::from_secs(600),
+            release_within: Duration::from_secs(86400),
+            summary: "Enable withdrawals on API key {key_id}".into(),
+            case_insensitive: false,
+            fold_case: false,
+            content_types: vec![],
+        }
+    }
+
+    fn rule(conditions: Vec<Condition>) -> Rule {
+        Rule::new(spec(conditions)).unwrap()
     }
 
     fn contains_withdraw() -> Condition {
         Condition::new("/permissions", ConditionTest::Contains(json!("withdraw"))).unwrap()
     }
 
+    fn json_body(bytes: &[u8]) -> BodyView<'_> {
+        BodyView {
+            content_type: Some(b"application/json"),
+            content_encoding: None,
+            bytes,
+        }
+    }
+
+    const PATH: &str = "/api/v1/api-keys/k1";
+
     #[test]
     fn conditions_contains_equals_exists() {
         let body = json!({"permissions": ["read", "withdraw"], "label": "my withdraw key", "n": 3});
         assert!(contains_withdraw().holds(&body));
-        assert!(
-            Condition::new("/label", ConditionTest::Contains(json!("withdraw")))
-                .unwrap()
-                .holds(&body)
-        );
-        assert!(Condition::new("/n", ConditionTest::Equals(json!(3)))
-            .unwrap()
-            .holds(&body));
-        assert!(!Condition::new("/n", ConditionTest::Equals(json!("3")))
-            .unwrap()
-            .holds(&body));
-        assert!(Condition::new("/ip", ConditionTest::Exists(false))
-            .unwrap()
-            .holds(&body));
-        assert!(!Condition::new("/ip", ConditionTest::Exists(true))
-            .unwrap()
-            .holds(&body));
+        let label = Condition::new("/label", ConditionTest::Contains(json!("withdraw"))).unwrap();
+        assert!(label.holds(&body));
+        let n3 = Condition::new("/n", ConditionTest::Equals(json!(3))).unwrap();
+        assert!(n3.holds(&body));
+        let n3_text = Condition::new("/n", ConditionTest::Equals(json!("3"))).unwrap();
+        assert!(!n3_text.holds(&body));
+        let no_ip = Condition::new("/ip", ConditionTest::Exists(false)).unwrap();
+        assert!(no_ip.holds(&body));
+        let ip = Condition::new("/ip", ConditionTest::Exists(true)).unwrap();
+        assert!(!ip.holds(&body));
         assert!(!contains_withdraw().holds(&json!({"permissions": ["read"]})));
         assert!(!contains_withdraw().holds(&json!({"permissions": "read,trade"})));
     }
@@ -312,23 +496,127 @@ mod tests {
     #[test]
     fn decide_holds_only_matching_bodies() {
         let set = RuleSet::new(vec![rule(vec![contains_withdraw()])]).unwrap();
-        let method = Method::PUT;
-        let held = decide(
-            set.candidates(&method, "/api/v1/api-keys/k1"),
-            br#"{"permissions":["withdraw"]}"#,
-        )
-        .unwrap();
-        assert!(matches!(held, Decision::Hold(_)));
-        let passed = decide(
-            set.candidates(&method, "/api/v1/api-keys/k1"),
-            br#"{"permissions":["read"]}"#,
-        )
-        .unwrap();
-        assert!(matches!(passed, Decision::PassThrough));
-        assert!(decide(set.candidates(&method, "/api/v1/api-keys/k1"), b"not json").is_err());
-        assert!(set
-            .candidates(&Method::GET, "/api/v1/api-keys/k1")
-            .is_empty());
+        let put = [&Method::PUT];
+        let withdraw = json_body(br#"{"permissions":["withdraw"]}"#);
+        assert!(matches!(
+            decide(set.candidates(&put, PATH), &withdraw),
+            Ok(Decision::Hold(_))
+        ));
+        let read = json_body(br#"{"permissions":["read"]}"#);
+        assert!(matches!(
+            decide(set.candidates(&put, PATH), &read),
+            Ok(Decision::PassThrough)
+        ));
+        let garbage = json_body(b"not json");
+        assert!(matches!(
+            decide(set.candidates(&put, PATH), &garbage),
+            Err(BodyError::Invalid(_))
+        ));
+        let empty = json_body(b"");
+        assert!(matches!(
+            decide(set.candidates(&put, PATH), &empty),
+            Err(BodyError::Invalid(_))
+        ));
+        assert!(set.candidates(&[&Method::GET], PATH).is_empty());
+    }
+
+    #[test]
+    fn media_types_and_codings_are_checked_before_parsing() {
+        let set = RuleSet::new(vec![rule(vec![contains_withdraw()])]).unwrap();
+        let put = [&Method::PUT];
+        let bytes = br#"{"permissions":["withdraw"]}"#;
+        for (content_type, content_encoding) in [
+            (None, None),
+            (Some(&b"text/plain"[..]), None),
+            (Some(&b"application/x-www-form-urlencoded"[..]), None),
+            (Some(&b"application/json; charset=latin1"[..]), None),
+            (Some(&b"application/json"[..]), Some(&b"gzip"[..])),
+        ] {
+            let view = BodyView {
+                content_type,
+                content_encoding,
+                bytes,
+            };
+            let decided = decide(set.candidates(&put, PATH), &view);
+            assert!(
+                matches!(decided, Err(BodyError::Unsupported(_))),
+                "{content_type:?}"
+            );
+        }
+        for content_type in [
+            &b"application/json; charset=UTF-8"[..],
+            b"application/merge-patch+json",
+        ] {
+            let view = BodyView {
+                content_type: Some(content_type),
+                content_encoding: Some(b"identity"),
+                bytes,
+            };
+            assert!(matches!(
+                decide(set.candidates(&put, PATH), &view),
+                Ok(Decision::Hold(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn forms_are_judged_only_where_the_rule_lists_them() {
+        let mut with_form = spec(vec![contains_withdraw()]);
+        with_form.content_types = vec![ExtraMediaType::FormUrlEncoded];
+        let set = RuleSet::new(vec![Rule::new(with_form).unwrap()]).unwrap();
+        let view = BodyView {
+            content_type: Some(b"application/x-www-form-urlencoded"),
+            content_encoding: None,
+            bytes: b"permissions=read&permissions=withdraw",
+        };
+        let put = [&Method::PUT];
+        assert!(matches!(
+            decide(set.candidates(&put, PATH), &view),
+            Ok(Decision::Hold(_))
+        ));
+    }
+
+    #[test]
+    fn case_folding_rules_see_through_case_tricks() {
+        let mut folding = spec(vec![contains_withdraw()]);
+        folding.fold_case = true;
+        folding.case_insensitive = true;
+        let set = RuleSet::new(vec![Rule::new(folding).unwrap()]).unwrap();
+        let put = [&Method::PUT];
+        let body = json_body(br#"{"Permissions":["WITHDRAW"]}"#);
+        let shouted = "/API/V1/Api-Keys/k1";
+        assert!(matches!(
+            decide(set.candidates(&put, shouted), &body),
+            Ok(Decision::Hold(_))
+        ));
+        let strict = RuleSet::new(vec![rule(vec![contains_withdraw()])]).unwrap();
+        let decided = decide(strict.candidates(&put, PATH), &body);
+        assert!(matches!(decided, Ok(Decision::PassThrough)));
+        assert!(strict.candidates(&put, "/API/v1/api-keys/k1").is_empty());
+    }
+
+    #[test]
+    fn method_overrides_and_head_add_methods_to_match() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "x-http-method-override",
+            http::HeaderValue::from_static("put"),
+        );
+        assert!(may_override_method(&Method::POST, &headers, None));
+        let methods = methods_to_match(&Method::POST, &headers, None);
+        assert_eq!(methods, vec![Method::POST, Method::PUT]);
+        let none = http::HeaderMap::new();
+        let query = Some("a=1&%5Fmethod=PATCH");
+        assert!(may_override_method(&Method::POST, &none, query));
+        assert_eq!(
+            methods_to_match(&Method::POST, &none, query),
+            vec![Method::POST, Method::PATCH]
+        );
+        assert_eq!(
+            methods_to_match(&Method::HEAD, &none, None),
+            vec![Method::HEAD, Method::GET]
+        );
+        assert!(!may_override_method(&Method::PUT, &none, Some("a=1")));
     }
 
     #[test]
@@ -340,17 +628,10 @@ mod tests {
 
     #[test]
     fn summary_placeholders_must_exist() {
-        let err = Rule::new(
-            "r".into(),
-            &["PUT".into()],
-            "/a/{id}",
-            vec![],
-            Duration::ZERO,
-            Duration::from_secs(1),
-            Duration::from_secs(1),
-            "Change {key}".into(),
-        )
-        .unwrap_err();
+        let mut bad = spec(vec![]);
+        bad.path = "/a/{id}".into();
+        bad.summary = "Change {key}".into();
+        let err = Rule::new(bad).unwrap_err();
         assert!(err.contains("{key}"), "{err}");
     }
 }

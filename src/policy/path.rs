@@ -171,7 +171,11 @@ impl PathTemplate {
 
     /// Matches a canonical path; returns the placeholder values (still percent-encoded).
     /// Does not allocate unless it matches.
-    pub fn matches<'p>(&self, path: &'p str) -> Option<Vec<(&str, &'p str)>> {
+    pub fn matches<'p>(
+        &self,
+        path: &'p str,
+        case_insensitive: bool,
+    ) -> Option<Vec<(&str, &'p str)>> {
         let trimmed = path
             .strip_suffix('/')
             .filter(|p| !p.is_empty())
@@ -180,7 +184,12 @@ impl PathTemplate {
         for segment in &self.segments {
             let part = parts.next()?;
             if let TemplateSegment::Literal(literal) = segment {
-                if literal != part {
+                let same = if case_insensitive {
+                    literal.eq_ignore_ascii_case(part)
+                } else {
+                    literal == part
+                };
+                if !same {
                     return None;
                 }
             } else if part.is_empty() {
@@ -267,16 +276,20 @@ mod tests {
     fn template_matches_one_segment_per_placeholder() {
         let t = PathTemplate::parse("/api/v1/api-keys/{key_id}").unwrap();
         assert_eq!(
-            t.matches("/api/v1/api-keys/k1").unwrap(),
+            t.matches("/api/v1/api-keys/k1", false).unwrap(),
             vec![("key_id", "k1")]
         );
         assert_eq!(
-            t.matches("/api/v1/api-keys/k1/").unwrap(),
+            t.matches("/api/v1/api-keys/k1/", false).unwrap(),
             vec![("key_id", "k1")]
         );
-        assert!(t.matches("/api/v1/api-keys").is_none());
-        assert!(t.matches("/api/v1/api-keys/k1/x").is_none());
-        assert!(t.matches("/API/v1/api-keys/k1").is_none());
+        assert!(t.matches("/api/v1/api-keys", false).is_none());
+        assert!(t.matches("/api/v1/api-keys/k1/x", false).is_none());
+        assert!(t.matches("/API/v1/api-keys/k1", false).is_none());
+        assert_eq!(
+            t.matches("/API/v1/API-KEYS/K1", true).unwrap(),
+            vec![("key_id", "K1")]
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
 use uuid::Uuid;
@@ -17,7 +17,10 @@ use uuid::Uuid;
 use super::{ApiError, AppState};
 use crate::clock::rfc3339;
 use crate::error::GateError;
-use crate::policy::{canonical_path, decide, Decision, PathError};
+use crate::policy::{
+    canonical_path, decide, may_override_method, methods_to_match, BodyError, BodyView, Decision,
+    PathError,
+};
 use crate::proxy::{Outgoing, ProxyError, STEPGATE_CHANGE};
 use crate::stepup::{Change, Event, HeldRequest};
 
@@ -38,7 +41,12 @@ async fn handle(
     peer: SocketAddr,
     request: Request,
 ) -> Result<Response, GateError> {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    // Before anything else: a client may not send the header the gate uses to tell the
+    // upstream who was verified.
+    if let Some(header) = &state.config.upstream_identity_header {
+        parts.headers.remove(header);
+    }
 
     // Only origin-form targets: an absolute-form target could name a host other than ours.
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
@@ -55,7 +63,15 @@ async fn handle(
         None => path.to_string(),
     };
     let release_of = parts.headers.get(STEPGATE_CHANGE).cloned();
-    let candidates = state.config.rules.candidates(&parts.method, &path);
+    let rules = &state.config.rules;
+    // Almost every request has one method to match; only overrides and HEAD/OPTIONS allocate.
+    let candidates = if may_override_method(&parts.method, &parts.headers, query) {
+        let methods = methods_to_match(&parts.method, &parts.headers, query);
+        let methods: Vec<&Method> = methods.iter().collect();
+        rules.candidates(&methods, &path)
+    } else {
+        rules.candidates(&[&parts.method], &path)
+    };
 
     // The hot path: nothing protected here, stream both ways, no database.
     if candidates.is_empty() && release_of.is_none() {
@@ -67,12 +83,17 @@ async fn handle(
         .identity
         .identify(&parts.headers, state.clock.now())
         .map_err(GateError::Unauthenticated)?;
+    if let Some(header) = &state.config.upstream_identity_header {
+        if let Ok(value) = HeaderValue::from_str(user.as_str()) {
+            parts.headers.insert(header.clone(), value);
+        }
+    }
     let body = read_limited(&parts.headers, body, state.config.limits.max_body_bytes).await?;
     let held = HeldRequest {
         method: parts.method.to_string(),
         path: path.to_string(),
         query: query.map(str::to_string),
-        content_type: single_content_type(&parts.headers)?,
+        content_type: single_header(&parts.headers, header::CONTENT_TYPE)?,
         headers: kept_headers(&parts.headers, state),
         body: body.clone(),
     };
@@ -104,7 +125,17 @@ async fn handle(
         return forwarded;
     }
 
-    match decide(candidates, &body).map_err(|e| GateError::InvalidBody(e.0))? {
+    let content_encoding = single_header(&parts.headers, header::CONTENT_ENCODING)?;
+    let view = BodyView {
+        content_type: held.content_type.as_deref(),
+        content_encoding: content_encoding.as_deref(),
+        bytes: &body,
+    };
+    let decision = decide(candidates, &view).map_err(|error| match error {
+        BodyError::Invalid(why) => GateError::InvalidBody(why),
+        BodyError::Unsupported(why) => GateError::UnsupportedMediaType(why),
+    })?;
+    match decision {
         Decision::Hold(matched) => {
             let change = state
                 .stepup
@@ -185,14 +216,18 @@ async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<B
     }
 }
 
-/// Two `Content-Type` headers could be read differently by us and the upstream.
-fn single_content_type(headers: &HeaderMap) -> Result<Option<Vec<u8>>, GateError> {
-    let mut values = headers.get_all(header::CONTENT_TYPE).iter();
+/// Two copies of a header that decides how the body is read could be read differently by us
+/// and the upstream: refused.
+fn single_header(
+    headers: &HeaderMap,
+    name: header::HeaderName,
+) -> Result<Option<Vec<u8>>, GateError> {
+    let mut values = headers.get_all(&name).iter();
     let first = values.next().map(|v| v.as_bytes().to_vec());
     if values.next().is_some() {
-        return Err(GateError::BadRequest(
-            "the request has more than one Content-Type".into(),
-        ));
+        return Err(GateError::BadRequest(format!(
+            "the request has more than one {name} header"
+        )));
     }
     Ok(first)
 }
