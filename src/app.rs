@@ -41,11 +41,22 @@ pub async fn build(
         store.migrate().await?;
     }
     let webauthn = build_webauthn(&config.webauthn, &config).map_err(anyhow::Error::msg)?;
-    let passkeys = Passkeys::new(webauthn, store.clone(), config.limits.ceremony_ttl);
+    let passkeys = Passkeys::new(
+        webauthn,
+        store.clone(),
+        config.limits.ceremony_ttl,
+        config.limits.max_ceremonies_per_minute,
+    );
     // A forward takes at most connect + upstream timeout; the lease outlasts it.
     let release_lease =
         config.limits.connect_timeout + config.limits.upstream_timeout + Duration::from_secs(10);
-    let stepup = StepUp::new(store.clone(), passkeys, clock.clone(), release_lease);
+    let stepup = StepUp::new(
+        store.clone(),
+        passkeys,
+        clock.clone(),
+        release_lease,
+        config.limits.max_pending_per_user,
+    );
     let upstream = Upstream::new(&config).map_err(anyhow::Error::msg)?;
     let public_origin = config.public_url.origin().ascii_serialization();
     let secure_cookie = config.public_url.scheme() == "https";

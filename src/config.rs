@@ -50,6 +50,16 @@ pub struct Limits {
     pub database_timeout: Duration,
     /// How often each instance expires lapsed changes and removes dead ceremonies/sessions.
     pub sweep_interval: Duration,
+    /// How long a client may take to send a request head (slow-loris); then the connection closes.
+    pub header_timeout: Duration,
+    /// The largest request head (431 above it).
+    pub max_header_bytes: usize,
+    /// How long a client may take to send a protected route's body (408 after it).
+    pub body_timeout: Duration,
+    /// How many held or cooling-off changes one user may have at once (429 above it).
+    pub max_pending_per_user: u32,
+    /// How many passkey ceremonies one user may start per minute (429 above it).
+    pub max_ceremonies_per_minute: u32,
 }
 
 /// A configuration problem, said in terms of the file or variable it came from.
@@ -127,6 +137,34 @@ struct FileLimits {
     ceremony_ttl: Option<String>,
     database_timeout: Option<String>,
     sweep_interval: Option<String>,
+    header_timeout: Option<String>,
+    max_header_bytes: Option<ByteSize>,
+    body_timeout: Option<String>,
+    max_pending_per_user: Option<Count>,
+    max_ceremonies_per_minute: Option<Count>,
+}
+
+/// A count written as an integer or as text (environment values are always text).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Count {
+    Number(u32),
+    Text(String),
+}
+
+fn count_or(value: Option<Count>, default: u32) -> Result<u32, String> {
+    let n = match value {
+        None => default,
+        Some(Count::Number(n)) => n,
+        Some(Count::Text(text)) => text
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{text}` is not a whole number"))?,
+    };
+    if n == 0 {
+        return Err("must be at least 1".into());
+    }
+    Ok(n)
 }
 
 /// A byte count written as an integer or as text such as `"64KiB"` (environment values are
@@ -419,6 +457,28 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
             .map_err(|why| err("limits.database_timeout", why))?,
         sweep_interval: duration_or(file.limits.sweep_interval, "30s")
             .map_err(|why| err("limits.sweep_interval", why))?,
+        header_timeout: duration_or(file.limits.header_timeout, "10s")
+            .map_err(|why| err("limits.header_timeout", why))?,
+        max_header_bytes: match &file.limits.max_header_bytes {
+            None => 32 * 1024,
+            Some(size) => match parse_byte_size(size) {
+                // hyper needs room for at least one ordinary head.
+                Ok(bytes) if bytes < 8192 => {
+                    return Err(err(
+                        "limits.max_header_bytes",
+                        "must be at least 8KiB".into(),
+                    ))
+                }
+                Ok(bytes) => bytes,
+                Err(why) => return Err(err("limits.max_header_bytes", why)),
+            },
+        },
+        body_timeout: duration_or(file.limits.body_timeout, "30s")
+            .map_err(|why| err("limits.body_timeout", why))?,
+        max_pending_per_user: count_or(file.limits.max_pending_per_user, 10)
+            .map_err(|why| err("limits.max_pending_per_user", why))?,
+        max_ceremonies_per_minute: count_or(file.limits.max_ceremonies_per_minute, 20)
+            .map_err(|why| err("limits.max_ceremonies_per_minute", why))?,
     };
 
     let mut rules = Vec::with_capacity(file.rules.len());

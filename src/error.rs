@@ -51,6 +51,14 @@ pub enum GateError {
     Upstream(#[from] ProxyError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("you have {limit} changes waiting already; confirm, cancel or let them expire first")]
+    TooManyPendingChanges { limit: u32 },
+    #[error(
+        "too many passkey prompts were started in the last minute; wait a minute and try again"
+    )]
+    TooManyCeremonies,
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -70,6 +78,11 @@ impl GateError {
             }
             BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             CrossOrigin => (StatusCode::FORBIDDEN, "cross_origin"),
+            TooManyPendingChanges { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_pending_changes")
+            }
+            TooManyCeremonies => (StatusCode::TOO_MANY_REQUESTS, "too_many_ceremonies"),
+            BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             Refused(refusal) => refusal_status(*refusal),
             ChangeMismatch => (StatusCode::FORBIDDEN, "change_mismatch"),
             NoPasskey => (StatusCode::CONFLICT, "no_passkey"),

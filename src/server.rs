@@ -1,12 +1,23 @@
-//! Running a gate: bind, serve, sweep, shut down gracefully. What `stepgate serve`, the demo
-//! and the tests all use, so they exercise the same code.
+//! Running a gate: accept connections, serve them, sweep, shut down gracefully. What
+//! `stepgate serve`, the demo and the tests all use, so they exercise the same code.
+//!
+//! The accept loop is our own rather than `axum::serve` because the connection limits live
+//! here: a client gets `header_timeout` to send its request head (slow-loris), and a head
+//! larger than `max_header_bytes` is answered 431 by hyper before any of our code runs.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tower::ServiceExt;
 
 use crate::app::{self, Migrations};
 use crate::clock::Clock;
@@ -60,22 +71,55 @@ impl Server {
         self.run_until(std::future::pending()).await
     }
 
-    /// Serves until `shutdown` completes, then lets in-flight requests finish. Meanwhile the
-    /// instance sweeps lapsed changes every `sweep_interval`; every instance may do so, and
-    /// each change is expired exactly once.
+    /// Serves until `shutdown` completes, then stops accepting and lets in-flight requests
+    /// finish. Meanwhile the instance sweeps lapsed changes every `sweep_interval`; every
+    /// instance may do so, and each change is expired exactly once.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let sweeper = tokio::spawn(sweep_forever(self.state.clone()));
-        let service = self
-            .router
-            .into_make_service_with_connect_info::<SocketAddr>();
-        let served = axum::serve(self.listener, service)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let limits = &self.state.config.limits;
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_buf_size(limits.max_header_bytes)
+            .keep_alive(true);
+        let connections = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                () = &mut shutdown => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let router = self.router.clone();
+            let service =
+                hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                    router.clone().oneshot(request.map(Body::new))
+                });
+            let connection =
+                connections.watch(http.serve_connection(TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, %peer, "connection ended with an error");
+                }
+            });
+        }
+        drop(self.listener);
+        connections.shutdown().await;
         sweeper.abort();
-        served
+        Ok(())
     }
 }
 

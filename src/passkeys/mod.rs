@@ -32,6 +32,7 @@ pub struct Passkeys {
     webauthn: Arc<Webauthn>,
     store: Store,
     ceremony_ttl: Duration,
+    max_ceremonies_per_minute: u32,
 }
 
 /// Builds the relying party from the config; `public_url` is the only accepted origin.
@@ -42,12 +43,36 @@ pub fn build_webauthn(settings: &WebauthnSettings, config: &Config) -> Result<We
 }
 
 impl Passkeys {
-    pub fn new(webauthn: Webauthn, store: Store, ceremony_ttl: Duration) -> Self {
+    pub fn new(
+        webauthn: Webauthn,
+        store: Store,
+        ceremony_ttl: Duration,
+        max_ceremonies_per_minute: u32,
+    ) -> Self {
         Self {
             webauthn: Arc::new(webauthn),
             store,
             ceremony_ttl,
+            max_ceremonies_per_minute,
         }
+    }
+
+    /// Refuses a new ceremony when the user started too many in the last minute: each start
+    /// stores state, so an unbounded stream of starts would be unbounded storage.
+    async fn check_ceremony_rate(
+        &self,
+        user: &UserId,
+        now: OffsetDateTime,
+    ) -> Result<(), GateError> {
+        let since = now - Duration::from_secs(60);
+        let started = self
+            .store
+            .ceremonies_started_since(user.as_str(), since)
+            .await?;
+        if started >= i64::from(self.max_ceremonies_per_minute) {
+            return Err(GateError::TooManyCeremonies);
+        }
+        Ok(())
     }
 
     pub async fn list(&self, user: &UserId) -> Result<Vec<PasskeyRecord>, GateError> {
@@ -62,6 +87,7 @@ impl Passkeys {
         session_binding: &str,
         now: OffsetDateTime,
     ) -> Result<(Uuid, CreationChallengeResponse), GateError> {
+        self.check_ceremony_rate(user, now).await?;
         let handle = self.store.user_handle(user.as_str(), now).await?;
         let existing = self.store.passkeys_of(user.as_str()).await?;
         let exclude = existing
@@ -146,6 +172,7 @@ impl Passkeys {
         if passkeys.is_empty() {
             return Err(GateError::NoPasskey);
         }
+        self.check_ceremony_rate(user, now).await?;
         let credentials: Vec<_> = passkeys.into_iter().map(|p| p.passkey).collect();
         let (challenge, state) = self
             .webauthn
@@ -259,7 +286,7 @@ impl Passkeys {
     ) -> Result<CeremonyRecord, GateError> {
         let ceremony = self
             .store
-            .take_ceremony(id, kind, user.as_str(), session_binding)
+            .take_ceremony(id, kind, user.as_str(), session_binding, now)
             .await?
             .ok_or(GateError::CeremonyInvalid)?;
         if now > ceremony.expires_at {

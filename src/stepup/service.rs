@@ -53,6 +53,7 @@ pub struct StepUp {
     passkeys: Passkeys,
     clock: Arc<dyn Clock>,
     release_lease: Duration,
+    max_pending_per_user: u32,
 }
 
 impl StepUp {
@@ -63,12 +64,14 @@ impl StepUp {
         passkeys: Passkeys,
         clock: Arc<dyn Clock>,
         release_lease: Duration,
+        max_pending_per_user: u32,
     ) -> Self {
         Self {
             store,
             passkeys,
             clock,
             release_lease,
+            max_pending_per_user,
         }
     }
 
@@ -93,6 +96,14 @@ impl StepUp {
         request: HeldRequest,
     ) -> Result<Change, GateError> {
         let now = self.now();
+        // Bounded per user, so a flood of protected requests cannot grow the store without
+        // end. Approximate under concurrency (count, then insert), which is enough for that.
+        let pending = self.store.pending_changes_of(user.as_str()).await?;
+        if pending >= i64::from(self.max_pending_per_user) {
+            return Err(GateError::TooManyPendingChanges {
+                limit: self.max_pending_per_user,
+            });
+        }
         let change = Change {
             id: Uuid::new_v4(),
             user_id: user.as_str().to_string(),

@@ -294,25 +294,27 @@ impl Store {
         Ok(())
     }
 
-    /// Consumes a ceremony: deletes and returns it in one statement, so of two concurrent
-    /// finishes exactly one gets it. Only the user and session that started it can take it;
-    /// anyone else gets `None` and leaves it in place.
+    /// Consumes a ceremony: marks it consumed and returns it in one conditional statement, so
+    /// of two concurrent finishes exactly one gets it. Only the user and session that started
+    /// it can take it; anyone else gets `None` and leaves it in place.
     pub async fn take_ceremony(
         &self,
         id: Uuid,
         kind: CeremonyKind,
         user_id: &str,
         session_binding: &str,
+        now: OffsetDateTime,
     ) -> Result<Option<CeremonyRecord>, StoreError> {
         let row = sqlx::query(
-            "DELETE FROM ceremonies WHERE id = $1 AND kind = $2 AND user_id = $3 \
-             AND session_binding = $4 \
+            "UPDATE ceremonies SET consumed_at = $5 WHERE id = $1 AND kind = $2 AND user_id = $3 \
+             AND session_binding = $4 AND consumed_at IS NULL \
              RETURNING change_id, change_digest, state_json, created_at, expires_at",
         )
         .bind(id.to_string())
         .bind(kind.as_str())
         .bind(user_id)
         .bind(session_binding)
+        .bind(to_millis(now))
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else { return Ok(None) };
@@ -331,6 +333,34 @@ impl Store {
             created_at: from_millis(row.try_get("created_at")?),
             expires_at: from_millis(row.try_get("expires_at")?),
         }))
+    }
+
+    /// How many ceremonies `user_id` started after `since` (consumed or not).
+    pub async fn ceremonies_started_since(
+        &self,
+        user_id: &str,
+        since: OffsetDateTime,
+    ) -> Result<i64, StoreError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM ceremonies WHERE user_id = $1 AND created_at > $2",
+        )
+        .bind(user_id)
+        .bind(to_millis(since))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("n")?)
+    }
+
+    /// How many of `user_id`'s changes are held or cooling off.
+    pub async fn pending_changes_of(&self, user_id: &str) -> Result<i64, StoreError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM changes WHERE user_id = $1 \
+             AND state IN ('held', 'cooling_off')",
+        )
+        .bind(user_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("n")?)
     }
 
     /// Removes ceremonies that can no longer be finished.

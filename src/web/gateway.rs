@@ -88,7 +88,14 @@ async fn handle(
             parts.headers.insert(header.clone(), value);
         }
     }
-    let body = read_limited(&parts.headers, body, state.config.limits.max_body_bytes).await?;
+    let limits = &state.config.limits;
+    // A protected body is buffered, so a client dribbling it in must not hold a slot forever.
+    let body = tokio::time::timeout(
+        limits.body_timeout,
+        read_limited(&parts.headers, body, limits.max_body_bytes),
+    )
+    .await
+    .map_err(|_| GateError::BodyTimeout)??;
     let held = HeldRequest {
         method: parts.method.to_string(),
         path: path.to_string(),

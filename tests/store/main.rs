@@ -174,17 +174,23 @@ async fn ceremonies_are_taken_once_by_their_owner_only(backend: Backend) {
     let kind = CeremonyKind::Confirm;
     // Another user, another session or another kind cannot take it, and it stays.
     assert!(store
-        .take_ceremony(record.id, kind, "bob", "session-a")
+        .take_ceremony(record.id, kind, "bob", "session-a", now())
         .await
         .expect("bob")
         .is_none());
     assert!(store
-        .take_ceremony(record.id, kind, "alice", "session-b")
+        .take_ceremony(record.id, kind, "alice", "session-b", now())
         .await
         .expect("b")
         .is_none());
     assert!(store
-        .take_ceremony(record.id, CeremonyKind::Register, "alice", "session-a")
+        .take_ceremony(
+            record.id,
+            CeremonyKind::Register,
+            "alice",
+            "session-a",
+            now()
+        )
         .await
         .expect("kind")
         .is_none());
@@ -193,7 +199,7 @@ async fn ceremonies_are_taken_once_by_their_owner_only(backend: Backend) {
         let store = store.clone();
         tokio::spawn(async move {
             store
-                .take_ceremony(record.id, kind, "alice", "session-a")
+                .take_ceremony(record.id, kind, "alice", "session-a", now())
                 .await
         })
     });
@@ -438,7 +444,7 @@ async fn expired_ceremonies_are_removed(backend: Backend) {
         1
     );
     let taken = store
-        .take_ceremony(record.id, CeremonyKind::Confirm, "alice", "s")
+        .take_ceremony(record.id, CeremonyKind::Confirm, "alice", "s", now())
         .await
         .expect("take");
     assert!(taken.is_none());
