@@ -13,8 +13,9 @@ use tower_sessions::{Expiry, SessionManagerLayer};
 
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::passkeys::{build_webauthn, Passkeys};
+use crate::passkeys::{build_webauthn, CeremonySettings, Passkeys};
 use crate::proxy::Upstream;
+use crate::stepup::service::StepUpSettings;
 use crate::stepup::StepUp;
 use crate::store::sessions::DbSessionStore;
 use crate::store::Store;
@@ -41,11 +42,17 @@ pub async fn build(
         store.migrate().await?;
     }
     let webauthn = build_webauthn(&config.webauthn, &config).map_err(anyhow::Error::msg)?;
+    let public_origin = config.public_url.origin().ascii_serialization();
     let passkeys = Passkeys::new(
         webauthn,
         store.clone(),
-        config.limits.ceremony_ttl,
-        config.limits.max_ceremonies_per_minute,
+        CeremonySettings {
+            ceremony_ttl: config.limits.ceremony_ttl,
+            max_ceremonies_per_minute: config.limits.max_ceremonies_per_minute,
+            registration_policy: config.passkeys.policy.clone(),
+            request_attestation: config.passkeys.request_attestation,
+            public_origin: public_origin.clone(),
+        },
     );
     // A forward takes at most connect + upstream timeout; the lease outlasts it.
     let release_lease =
@@ -54,11 +61,14 @@ pub async fn build(
         store.clone(),
         passkeys,
         clock.clone(),
-        release_lease,
-        config.limits.max_pending_per_user,
+        StepUpSettings {
+            release_lease,
+            max_pending_per_user: config.limits.max_pending_per_user,
+            passkeys: config.passkeys.clone(),
+            rule_policies: config.rule_policies.clone(),
+        },
     );
     let upstream = Upstream::new(&config).map_err(anyhow::Error::msg)?;
-    let public_origin = config.public_url.origin().ascii_serialization();
     let secure_cookie = config.public_url.scheme() == "https";
     let state = AppState(Arc::new(AppInner {
         config,
@@ -88,6 +98,15 @@ pub async fn build(
         .route(
             "/_stepgate/api/passkeys/register/finish",
             post(api::register_finish),
+        )
+        .route("/_stepgate/api/passkeys", get(api::list_passkeys))
+        .route(
+            "/_stepgate/api/passkeys/{id}/rename",
+            post(api::rename_passkey),
+        )
+        .route(
+            "/_stepgate/api/passkeys/{id}/remove",
+            post(api::remove_passkey),
         )
         .route("/_stepgate/api/changes", get(api::list_changes))
         .route("/_stepgate/api/changes/{id}", get(api::get_change))

@@ -10,7 +10,14 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use uuid::Uuid;
+use webauthn_rs::prelude::AttestationCaListBuilder;
+
 use crate::identity::{IdentitySettings, JwtAlgorithm, JwtSettings};
+use crate::passkeys::CredentialPolicy;
 use crate::policy::{Condition, ConditionTest, ExtraMediaType, Rule, RuleSet, RuleSpec};
 
 /// Everything the gate needs to run, validated.
@@ -28,6 +35,25 @@ pub struct Config {
     pub upstream_identity_header: Option<http::HeaderName>,
     pub limits: Limits,
     pub rules: RuleSet,
+    pub passkeys: PasskeySettings,
+    /// The effective credential policy of each rule (its own settings over the global ones).
+    pub rule_policies: HashMap<String, CredentialPolicy>,
+}
+
+/// The `[passkeys]` section.
+#[derive(Debug, Clone)]
+pub struct PasskeySettings {
+    /// How long an added passkey waits after its confirmation before it becomes active.
+    pub add_cooling_off: Duration,
+    /// A passkey younger than this can confirm, but the release waits until it is this old.
+    pub quarantine: Duration,
+    /// How soon the built-in passkey changes must be confirmed.
+    pub confirm_within: Duration,
+    /// The global credential policy: enforced on registration (model checks) and on the
+    /// built-in passkey changes and rules without their own settings.
+    pub policy: CredentialPolicy,
+    /// Whether any policy checks attestation, so registrations should ask for it.
+    pub request_attestation: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +126,44 @@ struct FileConfig {
     limits: FileLimits,
     #[serde(default)]
     rules: Vec<FileRule>,
+    #[serde(default)]
+    passkeys: FilePasskeys,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePasskeys {
+    add_cooling_off: Option<String>,
+    quarantine: Option<String>,
+    confirm_within: Option<String>,
+    device_bound: Option<bool>,
+    aaguid_allow: Option<Vec<String>>,
+    aaguid_deny: Option<Vec<String>>,
+    attestation: Option<String>,
+    attestation_roots: Option<Vec<String>>,
+}
+
+impl FilePasskeys {
+    fn policy(&self) -> FileCredentialPolicy {
+        FileCredentialPolicy {
+            device_bound: self.device_bound,
+            aaguid_allow: self.aaguid_allow.clone(),
+            aaguid_deny: self.aaguid_deny.clone(),
+            attestation: self.attestation.clone(),
+            attestation_roots: self.attestation_roots.clone(),
+        }
+    }
+}
+
+/// Credential policy keys, globally under `[passkeys]` and on each rule (read inline there:
+/// serde's `flatten` does not combine with `deny_unknown_fields`).
+#[derive(Debug, Default, Clone)]
+struct FileCredentialPolicy {
+    device_bound: Option<bool>,
+    aaguid_allow: Option<Vec<String>>,
+    aaguid_deny: Option<Vec<String>>,
+    attestation: Option<String>,
+    attestation_roots: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,6 +258,23 @@ struct FileRule {
     fold_case: bool,
     #[serde(default)]
     content_types: Vec<String>,
+    device_bound: Option<bool>,
+    aaguid_allow: Option<Vec<String>>,
+    aaguid_deny: Option<Vec<String>>,
+    attestation: Option<String>,
+    attestation_roots: Option<Vec<String>>,
+}
+
+impl FileRule {
+    fn policy(&self) -> FileCredentialPolicy {
+        FileCredentialPolicy {
+            device_bound: self.device_bound,
+            aaguid_allow: self.aaguid_allow.clone(),
+            aaguid_deny: self.aaguid_deny.clone(),
+            attestation: self.attestation.clone(),
+            attestation_roots: self.attestation_roots.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -481,12 +562,42 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
             .map_err(|why| err("limits.max_ceremonies_per_minute", why))?,
     };
 
+    let global_file_policy = file.passkeys.policy();
+    let global_policy =
+        build_policy(&global_file_policy, None).map_err(|why| err("passkeys", why))?;
+    let passkeys = PasskeySettings {
+        add_cooling_off: duration_or(file.passkeys.add_cooling_off.clone(), "24h")
+            .map_err(|why| err("passkeys.add_cooling_off", why))?,
+        quarantine: duration_or(file.passkeys.quarantine.clone(), "24h")
+            .map_err(|why| err("passkeys.quarantine", why))?,
+        confirm_within: duration_or(file.passkeys.confirm_within.clone(), "10m")
+            .map_err(|why| err("passkeys.confirm_within", why))?,
+        request_attestation: false,
+        policy: global_policy.clone(),
+    };
+
     let mut rules = Vec::with_capacity(file.rules.len());
+    let mut rule_policies = HashMap::new();
+    let mut request_attestation = global_policy.attestation_roots.is_some();
     for (index, rule) in file.rules.into_iter().enumerate() {
         let label = format!("rules[{index}] ({})", rule.name);
+        if BUILT_IN_RULES.contains(&rule.name.as_str()) {
+            return Err(err(
+                &label,
+                "this name is reserved for the gate's own passkey changes".into(),
+            ));
+        }
+        let policy =
+            build_policy(&rule.policy(), Some(&global_policy)).map_err(|why| err(&label, why))?;
+        request_attestation |= policy.attestation_roots.is_some();
+        rule_policies.insert(rule.name.clone(), policy);
         rules.push(validate_rule(rule).map_err(|why| err(&label, why))?);
     }
     let rules = RuleSet::new(rules).map_err(|why| err("rules", why))?;
+    let passkeys = PasskeySettings {
+        request_attestation,
+        ..passkeys
+    };
 
     Ok(Config {
         listen,
@@ -501,6 +612,73 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
         upstream_identity_header,
         limits,
         rules,
+        passkeys,
+        rule_policies,
+    })
+}
+
+/// The names of the gate's built-in changes (adding and removing passkeys).
+pub const BUILT_IN_RULES: [&str; 2] = ["passkey-add", "passkey-remove"];
+
+/// One credential policy: the keys given, each falling back to `base` (the global policy)
+/// when absent. Root certificates are read now, so a bad path fails at start-up.
+fn build_policy(
+    file: &FileCredentialPolicy,
+    base: Option<&CredentialPolicy>,
+) -> Result<CredentialPolicy, String> {
+    let base = base.cloned().unwrap_or_default();
+    let parse_list =
+        |key: &str, list: &Option<Vec<String>>, fallback: Vec<Uuid>| -> Result<Vec<Uuid>, String> {
+            match list {
+                None => Ok(fallback),
+                Some(items) => items
+                    .iter()
+                    .map(|item| {
+                        Uuid::parse_str(item.trim())
+                            .map_err(|_| format!("{key}: `{item}` is not an AAGUID (a UUID)"))
+                    })
+                    .collect(),
+            }
+        };
+    let attestation_roots = match (file.attestation.as_deref(), &file.attestation_roots) {
+        (None, None) => base.attestation_roots.clone(),
+        (Some("none"), None) => None,
+        (Some("none"), Some(_)) => {
+            return Err("attestation_roots only apply with attestation = \"required\"".into())
+        }
+        (Some("required") | None, Some(paths)) if !paths.is_empty() => {
+            let mut builder = AttestationCaListBuilder::new();
+            for path in paths {
+                let pem = std::fs::read(path)
+                    .map_err(|e| format!("attestation_roots: cannot read {path}: {e}"))?;
+                // The chain check does not depend on the AAGUID recorded here.
+                builder
+                    .insert_device_pem(&pem, Uuid::nil(), path.clone(), Default::default())
+                    .map_err(|e| {
+                        format!("attestation_roots: {path} is not a PEM certificate ({e:?})")
+                    })?;
+            }
+            Some(Arc::new(builder.build()))
+        }
+        (Some("required"), _) => {
+            return Err("attestation = \"required\" needs attestation_roots (PEM files)".into())
+        }
+        (Some(other), _) => {
+            return Err(format!(
+                "attestation must be \"none\" or \"required\", not `{other}`"
+            ))
+        }
+        (None, Some(_)) => return Err("attestation_roots must name at least one PEM file".into()),
+    };
+    Ok(CredentialPolicy {
+        device_bound: file.device_bound.unwrap_or(base.device_bound),
+        aaguid_allow: parse_list(
+            "aaguid_allow",
+            &file.aaguid_allow,
+            base.aaguid_allow.clone(),
+        )?,
+        aaguid_deny: parse_list("aaguid_deny", &file.aaguid_deny, base.aaguid_deny.clone())?,
+        attestation_roots,
     })
 }
 

@@ -47,6 +47,10 @@ pub enum GateError {
     RegistrationFailed(String),
     #[error("this passkey is already registered")]
     DuplicateCredential,
+    #[error("{0}")]
+    PasskeyNotAllowed(String),
+    #[error("this passkey was disabled because it may have been copied; use another passkey and contact the exchange")]
+    PasskeyDisabled,
     #[error(transparent)]
     Upstream(#[from] ProxyError),
     #[error(transparent)]
@@ -91,6 +95,8 @@ impl GateError {
             UserNotVerified => (StatusCode::FORBIDDEN, "user_not_verified"),
             RegistrationFailed(_) => (StatusCode::BAD_REQUEST, "registration_failed"),
             DuplicateCredential => (StatusCode::CONFLICT, "duplicate_credential"),
+            PasskeyNotAllowed(_) => (StatusCode::FORBIDDEN, "passkey_not_allowed"),
+            PasskeyDisabled => (StatusCode::FORBIDDEN, "passkey_disabled"),
             Upstream(ProxyError::Unreachable(_)) => {
                 (StatusCode::BAD_GATEWAY, "upstream_unreachable")
             }

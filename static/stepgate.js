@@ -102,11 +102,16 @@
     try {
       const start = await postJSON("/_stepgate/api/passkeys/register/start");
       const credential = await navigator.credentials.create({ publicKey: creationOptions(start.publicKey) });
-      await postJSON("/_stepgate/api/passkeys/register/finish", {
+      const done = await postJSON("/_stepgate/api/passkeys/register/finish", {
         ceremony_id: start.ceremony_id,
         credential: credentialJSON(credential),
         name: name,
       });
+      if (done.confirm_url) {
+        // A second passkey is itself a protected change: confirm it with an existing passkey.
+        window.location.assign(done.confirm_url);
+        return;
+      }
       show("Your passkey was added.", "ok");
       window.location.reload();
     } catch (error) {
@@ -144,6 +149,34 @@
     }
   }
 
+  async function renamePasskey(event) {
+    event.preventDefault();
+    const form = event.currentTarget;
+    const name = form.querySelector("input[name=name]").value.trim();
+    try {
+      await postJSON("/_stepgate/api/passkeys/" + form.dataset.passkeyId + "/rename", { name: name });
+      show("The passkey was renamed.", "ok");
+      window.location.reload();
+    } catch (error) {
+      show(browserError(error), "error");
+    }
+  }
+
+  async function removePasskey(event) {
+    const id = event.currentTarget.dataset.passkeyId;
+    try {
+      const done = await postJSON("/_stepgate/api/passkeys/" + id + "/remove");
+      if (done.confirm_url) {
+        window.location.assign(done.confirm_url);
+        return;
+      }
+      show("The passkey was removed.", "ok");
+      window.location.reload();
+    } catch (error) {
+      show(browserError(error), "error");
+    }
+  }
+
   function tickCountdowns() {
     document.querySelectorAll("[data-until]").forEach(function (element) {
       const left = Math.max(0, Math.round((new Date(element.dataset.until) - new Date()) / 1000));
@@ -164,6 +197,8 @@
     if (form) form.addEventListener("submit", register);
     const confirmButton = document.getElementById("confirm-button");
     if (confirmButton) confirmButton.addEventListener("click", confirmChange);
+    document.querySelectorAll(".rename-form").forEach(function (f) { f.addEventListener("submit", renamePasskey); });
+    document.querySelectorAll(".remove-button").forEach(function (b) { b.addEventListener("click", removePasskey); });
     document.querySelectorAll("#cancel-button, .cancel-button").forEach(function (button) {
       button.addEventListener("click", cancelChange);
     });

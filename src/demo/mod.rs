@@ -234,6 +234,13 @@ secret = "{secret}"
 cookie = "{cookie}"
 claim = "sub"
 
+# The demo shortens every wait to the same cooling-off, so the walkthrough takes minutes:
+# a passkey registered during the demo is in quarantine for that long, and a second one
+# waits that long after its confirmation.
+[passkeys]
+quarantine = "{cooling_off}"
+add_cooling_off = "{cooling_off}"
+
 [[rules]]
 name = "enable-withdrawals"
 methods = ["PUT", "PATCH"]

@@ -1,38 +1,59 @@
 //! WebAuthn ceremonies with webauthn-rs: registering a user's passkeys and checking a passkey
 //! assertion. Ceremony state lives in the database, bound to the user and the browser
 //! session, and is consumed atomically before it is finished, because webauthn-rs itself
-//! would accept the same state twice. User verification is always required.
+//! would accept the same state twice. User verification is always required. On top of
+//! webauthn-rs this module checks what it leaves to the relying party: `crossOrigin`, an
+//! exact origin, a signature counter that goes backwards (the credential is disabled), and the
+//! credential policy of the change being confirmed.
+
+pub mod policy;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use serde::Deserialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
 use webauthn_rs::prelude::{
-    CreationChallengeResponse, PasskeyAuthentication, PasskeyRegistration, PublicKeyCredential,
-    RegisterPublicKeyCredential, RequestChallengeResponse, WebauthnError,
+    CreationChallengeResponse, Credential, PasskeyAuthentication, PasskeyRegistration,
+    PublicKeyCredential, RegisterPublicKeyCredential, RequestChallengeResponse, WebauthnError,
 };
 use webauthn_rs::{Webauthn, WebauthnBuilder};
+
+pub use policy::{CredentialPolicy, NotAllowed};
 
 use crate::config::{Config, WebauthnSettings};
 use crate::error::GateError;
 use crate::identity::{base64url, UserId};
 use crate::policy::sanitize_for_display;
-use crate::store::{CeremonyKind, CeremonyRecord, PasskeyRecord, Store, StoreError};
+use crate::store::{CeremonyKind, CeremonyRecord, PasskeyRecord, PasskeyState, Store, StoreError};
 
 /// The passkey of a successful assertion.
 #[derive(Debug, Clone)]
 pub struct VerifiedPasskey {
     pub id: Uuid,
     pub name: String,
+    pub created_at: OffsetDateTime,
+}
+
+/// What registration enforces and how ceremonies are bounded.
+#[derive(Debug, Clone)]
+pub struct CeremonySettings {
+    pub ceremony_ttl: Duration,
+    pub max_ceremonies_per_minute: u32,
+    /// The model checks (AAGUID lists, attestation) every new passkey must pass.
+    pub registration_policy: CredentialPolicy,
+    /// Ask authenticators for a direct attestation, because some policy checks one.
+    pub request_attestation: bool,
+    /// The only origin assertions may come from (`public_url`).
+    pub public_origin: String,
 }
 
 #[derive(Clone)]
 pub struct Passkeys {
     webauthn: Arc<Webauthn>,
     store: Store,
-    ceremony_ttl: Duration,
-    max_ceremonies_per_minute: u32,
+    settings: Arc<CeremonySettings>,
 }
 
 /// Builds the relying party from the config; `public_url` is the only accepted origin.
@@ -42,19 +63,25 @@ pub fn build_webauthn(settings: &WebauthnSettings, config: &Config) -> Result<We
         .map_err(|e| format!("webauthn settings rejected: {e}"))
 }
 
+/// The parts of clientDataJSON that webauthn-rs does not check on assertions.
+#[derive(Deserialize)]
+struct ClientData {
+    origin: String,
+    #[serde(rename = "crossOrigin", default)]
+    cross_origin: bool,
+}
+
 impl Passkeys {
-    pub fn new(
-        webauthn: Webauthn,
-        store: Store,
-        ceremony_ttl: Duration,
-        max_ceremonies_per_minute: u32,
-    ) -> Self {
+    pub fn new(webauthn: Webauthn, store: Store, settings: CeremonySettings) -> Self {
         Self {
             webauthn: Arc::new(webauthn),
             store,
-            ceremony_ttl,
-            max_ceremonies_per_minute,
+            settings: Arc::new(settings),
         }
+    }
+
+    pub async fn list(&self, user: &UserId) -> Result<Vec<PasskeyRecord>, GateError> {
+        Ok(self.store.passkeys_of(user.as_str()).await?)
     }
 
     /// Refuses a new ceremony when the user started too many in the last minute: each start
@@ -69,14 +96,10 @@ impl Passkeys {
             .store
             .ceremonies_started_since(user.as_str(), since)
             .await?;
-        if started >= i64::from(self.max_ceremonies_per_minute) {
+        if started >= i64::from(self.settings.max_ceremonies_per_minute) {
             return Err(GateError::TooManyCeremonies);
         }
         Ok(())
-    }
-
-    pub async fn list(&self, user: &UserId) -> Result<Vec<PasskeyRecord>, GateError> {
-        Ok(self.store.passkeys_of(user.as_str()).await?)
     }
 
     /// Starts registering a new passkey for `user`. Their existing credentials are excluded so
@@ -94,10 +117,17 @@ impl Passkeys {
             .iter()
             .map(|p| p.passkey.cred_id().clone())
             .collect::<Vec<_>>();
-        let (challenge, state) = self
+        let (mut challenge, state) = self
             .webauthn
             .start_passkey_registration(handle, user.as_str(), user.as_str(), Some(exclude))
             .map_err(|e| GateError::Internal(format!("start registration: {e}")))?;
+        if self.settings.request_attestation {
+            // The registration state does not depend on the preference: webauthn-rs verifies
+            // whatever statement comes back, and the chain is judged against each policy's
+            // roots (here for registration, later per rule).
+            challenge.public_key.attestation =
+                Some(webauthn_rs_core::proto::AttestationConveyancePreference::Direct);
+        }
         let id = self
             .save_ceremony(
                 CeremonyKind::Register,
@@ -113,6 +143,9 @@ impl Passkeys {
         Ok((id, challenge))
     }
 
+    /// Finishes a registration and stores the passkey in `state` (active, or pending its own
+    /// confirmation when the user already has one).
+    #[allow(clippy::too_many_arguments)]
     pub async fn finish_registration(
         &self,
         user: &UserId,
@@ -120,6 +153,7 @@ impl Passkeys {
         session_binding: &str,
         credential: &RegisterPublicKeyCredential,
         name: &str,
+        state: PasskeyState,
         now: OffsetDateTime,
     ) -> Result<PasskeyRecord, GateError> {
         let name = passkey_name(name)?;
@@ -132,15 +166,14 @@ impl Passkeys {
                 now,
             )
             .await?;
-        let state: PasskeyRegistration = serde_json::from_str(&ceremony.state_json)
+        let registration: PasskeyRegistration = serde_json::from_str(&ceremony.state_json)
             .map_err(|e| GateError::Internal(format!("registration state: {e}")))?;
         let passkey = self
             .webauthn
-            .finish_passkey_registration(credential, &state)
+            .finish_passkey_registration(credential, &registration)
             .map_err(|e| GateError::RegistrationFailed(e.to_string()))?;
-        // Whether the credential may be synced to other devices (BE flag). Later policy uses it.
-        let backup_eligible =
-            webauthn_rs::prelude::Credential::from(passkey.clone()).backup_eligible;
+        // Whether the credential may be synced to other devices (BE flag).
+        let backup_eligible = Credential::from(passkey.clone()).backup_eligible;
         let record = PasskeyRecord {
             id: Uuid::new_v4(),
             user_id: user.as_str().to_string(),
@@ -150,7 +183,14 @@ impl Passkeys {
             backup_eligible,
             created_at: now,
             last_used_at: None,
+            state,
+            aaguid: policy::aaguid_of(credential.response.attestation_object.as_ref()),
+            activation_change_id: None,
         };
+        self.settings
+            .registration_policy
+            .admits_model(&record, system_time(now))
+            .map_err(|NotAllowed(why)| GateError::PasskeyNotAllowed(why))?;
         match self.store.insert_passkey(&record).await {
             Ok(()) => Ok(record),
             Err(StoreError::Duplicate) => Err(GateError::DuplicateCredential),
@@ -158,22 +198,42 @@ impl Passkeys {
         }
     }
 
-    /// Starts an assertion by one of `user`'s passkeys, bound to a change and its digest.
+    /// Starts an assertion by one of `user`'s active passkeys that `policy` admits, bound to a
+    /// change and its digest.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start_assertion(
         &self,
         user: &UserId,
         change_id: Uuid,
         change_digest: &str,
         session_binding: &str,
+        policy: &CredentialPolicy,
         now: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<(Uuid, RequestChallengeResponse), GateError> {
-        let passkeys = self.store.passkeys_of(user.as_str()).await?;
-        if passkeys.is_empty() {
+        let active: Vec<PasskeyRecord> = self
+            .store
+            .passkeys_of(user.as_str())
+            .await?
+            .into_iter()
+            .filter(|p| p.state == PasskeyState::Active)
+            .collect();
+        if active.is_empty() {
             return Err(GateError::NoPasskey);
         }
+        let mut refusal = None;
+        let mut credentials = Vec::new();
+        for passkey in active {
+            let backup_eligible = Credential::from(passkey.passkey.clone()).backup_eligible;
+            match policy.admits(&passkey, backup_eligible, system_time(now)) {
+                Ok(()) => credentials.push(passkey.passkey),
+                Err(NotAllowed(why)) => refusal = Some(why),
+            }
+        }
+        if credentials.is_empty() {
+            return Err(GateError::PasskeyNotAllowed(refusal.unwrap_or_default()));
+        }
         self.check_ceremony_rate(user, now).await?;
-        let credentials: Vec<_> = passkeys.into_iter().map(|p| p.passkey).collect();
         let (challenge, state) = self
             .webauthn
             .start_passkey_authentication(&credentials)
@@ -201,6 +261,7 @@ impl Passkeys {
         ceremony_id: Uuid,
         session_binding: &str,
         credential: &PublicKeyCredential,
+        policy: &CredentialPolicy,
         now: OffsetDateTime,
     ) -> Result<(CeremonyRecord, VerifiedPasskey), GateError> {
         let ceremony = self
@@ -212,37 +273,123 @@ impl Passkeys {
                 now,
             )
             .await?;
-        let state: PasskeyAuthentication = serde_json::from_str(&ceremony.state_json)
+        self.check_client_data(credential)?;
+        let authentication: PasskeyAuthentication = serde_json::from_str(&ceremony.state_json)
             .map_err(|e| GateError::Internal(format!("authentication state: {e}")))?;
-        let result = self
+        let result = match self
             .webauthn
-            .finish_passkey_authentication(credential, &state)
-            .map_err(|e| match e {
-                WebauthnError::UserNotVerified => GateError::UserNotVerified,
-                other => GateError::AssertionInvalid(other.to_string()),
-            })?;
+            .finish_passkey_authentication(credential, &authentication)
+        {
+            Ok(result) => result,
+            Err(WebauthnError::UserNotVerified) => return Err(GateError::UserNotVerified),
+            Err(WebauthnError::CredentialPossibleCompromise) => {
+                return Err(self.disable_cloned(user, credential, now).await);
+            }
+            Err(other) => return Err(GateError::AssertionInvalid(other.to_string())),
+        };
         // webauthn-rs enforces this for passkeys already; a second look costs nothing.
         if !result.user_verified() {
             return Err(GateError::UserNotVerified);
         }
-        // The credential must be one of this user's, as stored now (not only as listed when
-        // the ceremony started).
+        // The credential must be one of this user's active passkeys, as stored now (not only
+        // as listed when the ceremony started).
         let mut passkeys = self.store.passkeys_of(user.as_str()).await?;
         let passkey = passkeys
             .iter_mut()
             .find(|p| p.passkey.cred_id() == result.cred_id())
-            .ok_or_else(|| GateError::AssertionInvalid("not one of your passkeys".into()))?;
+            .filter(|p| p.state == PasskeyState::Active)
+            .ok_or_else(|| GateError::AssertionInvalid("not one of your active passkeys".into()))?;
+        // Counters and backup state are kept current after every successful assertion.
         passkey.passkey.update_credential(&result);
         self.store
             .record_passkey_use(passkey.id, &passkey.passkey, now)
             .await?;
+        policy
+            .admits(passkey, result.backup_eligible(), system_time(now))
+            .map_err(|NotAllowed(why)| GateError::PasskeyNotAllowed(why))?;
         Ok((
             ceremony,
             VerifiedPasskey {
                 id: passkey.id,
                 name: passkey.name.clone(),
+                created_at: passkey.created_at,
             },
         ))
+    }
+
+    /// webauthn-rs checks the origin against the allowed list but not `crossOrigin` on
+    /// assertions; an assertion made inside a frame of another site must not count.
+    fn check_client_data(&self, credential: &PublicKeyCredential) -> Result<(), GateError> {
+        let client_data: ClientData =
+            serde_json::from_slice(credential.response.client_data_json.as_ref())
+                .map_err(|_| GateError::AssertionInvalid("the client data is malformed".into()))?;
+        if client_data.cross_origin {
+            return Err(GateError::AssertionInvalid(
+                "the passkey was used from inside another site's frame".into(),
+            ));
+        }
+        // Compared as origins (scheme, host, port), the way browsers and webauthn-rs do.
+        let origin = url::Url::parse(&client_data.origin)
+            .map(|url| url.origin().ascii_serialization())
+            .unwrap_or_default();
+        if origin != self.settings.public_origin {
+            return Err(GateError::AssertionInvalid(
+                "the passkey was used on another site".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A signature counter went backwards: the credential may have been cloned. It is
+    /// disabled for good and a security event is recorded.
+    async fn disable_cloned(
+        &self,
+        user: &UserId,
+        credential: &PublicKeyCredential,
+        now: OffsetDateTime,
+    ) -> GateError {
+        let raw_id: &[u8] = credential.raw_id.as_ref();
+        let passkeys = match self.store.passkeys_of(user.as_str()).await {
+            Ok(passkeys) => passkeys,
+            Err(error) => return error.into(),
+        };
+        let Some(passkey) = passkeys.iter().find(|p| {
+            let id: &[u8] = p.passkey.cred_id().as_ref();
+            id == raw_id
+        }) else {
+            return GateError::AssertionInvalid("not one of your passkeys".into());
+        };
+        if let Err(error) = self
+            .store
+            .set_passkey_state(
+                passkey.id,
+                PasskeyState::Active,
+                PasskeyState::Disabled,
+                now,
+            )
+            .await
+        {
+            return error.into();
+        }
+        let detail = format!(
+            "the signature counter of passkey \"{}\" went backwards; it was disabled",
+            passkey.name
+        );
+        if let Err(error) = self
+            .store
+            .record_security_event(
+                user.as_str(),
+                "passkey.disabled",
+                Some(passkey.id),
+                &detail,
+                now,
+            )
+            .await
+        {
+            return error.into();
+        }
+        tracing::warn!(user = %user, passkey = %passkey.id, "possible cloned passkey disabled");
+        GateError::PasskeyDisabled
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -257,9 +404,8 @@ impl Passkeys {
         now: OffsetDateTime,
         not_after: Option<OffsetDateTime>,
     ) -> Result<Uuid, GateError> {
-        let expires_at = not_after.map_or(now + self.ceremony_ttl, |limit| {
-            limit.min(now + self.ceremony_ttl)
-        });
+        let ttl = self.settings.ceremony_ttl;
+        let expires_at = not_after.map_or(now + ttl, |limit| limit.min(now + ttl));
         let record = CeremonyRecord {
             id: Uuid::new_v4(),
             kind,
@@ -296,8 +442,13 @@ impl Passkeys {
     }
 }
 
+/// Certificate validity is judged at the gate's (injected) time.
+fn system_time(now: OffsetDateTime) -> SystemTime {
+    SystemTime::from(now)
+}
+
 /// A passkey's name as the user typed it: trimmed, 1 to 64 characters, nothing that hides text.
-fn passkey_name(raw: &str) -> Result<String, GateError> {
+pub fn passkey_name(raw: &str) -> Result<String, GateError> {
     let name = sanitize_for_display(raw.trim());
     if name.is_empty() || name.chars().count() > 64 {
         return Err(GateError::BadRequest(

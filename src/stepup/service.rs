@@ -1,26 +1,46 @@
 //! The step-up services: hold a request, confirm it with a passkey, release it once, cancel
-//! it. Each takes the caller's identity and reads `now` from the injected clock; every move
-//! goes through the pure state machine and then a conditional update in the store.
+//! it; and the gate's own protected changes to passkeys (adding one when the user already has
+//! one, removing one). Each takes the caller's identity and reads `now` from the injected
+//! clock; every move goes through the pure state machine and then a conditional update in the
+//! store.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use time::OffsetDateTime;
 use uuid::Uuid;
-use webauthn_rs::prelude::{PublicKeyCredential, RequestChallengeResponse};
+use webauthn_rs::prelude::{
+    PublicKeyCredential, RegisterPublicKeyCredential, RequestChallengeResponse,
+};
 
 use super::digest::{request_digest, CanonicalRequest};
 use super::state::{transition, Change, Event, Refusal, State};
 use crate::clock::Clock;
+use crate::config::PasskeySettings;
 use crate::error::GateError;
 use crate::identity::UserId;
-use crate::passkeys::Passkeys;
+use crate::passkeys::{CredentialPolicy, Passkeys};
 use crate::policy::Rule;
-use crate::store::Store;
+use crate::store::{PasskeyRecord, PasskeyState, Store};
 
 /// How many changes a list answer returns at most.
 const LIST_LIMIT: i64 = 100;
+
+/// The built-in change that activates an added passkey.
+pub const ADD_PASSKEY: &str = "passkey-add";
+/// The built-in change that removes a passkey.
+pub const REMOVE_PASSKEY: &str = "passkey-remove";
+
+/// Built-in changes are carried out by the gate itself when they complete; they are never
+/// forwarded and no client release applies to them. Their release window is long so that
+/// they are completed, not expired, however late the next look at them comes.
+const BUILT_IN_RELEASE_WITHIN: Duration = Duration::from_secs(3650 * 24 * 3600);
+
+pub fn is_built_in(rule: &str) -> bool {
+    rule == ADD_PASSKEY || rule == REMOVE_PASSKEY
+}
 
 /// A protected request as the gate will store and later compare it.
 #[derive(Debug, Clone)]
@@ -47,36 +67,54 @@ impl HeldRequest {
     }
 }
 
+/// What a finished registration led to.
+pub enum Registration {
+    /// The user's first passkey: usable at once, but quarantined.
+    Active(PasskeyRecord),
+    /// The user already had one: this one waits for its own confirmed, cooled-off change.
+    Pending(PasskeyRecord, Box<Change>),
+}
+
+/// What a removal request led to.
+pub enum Removal {
+    /// An active passkey: removing it must be confirmed with a passkey (then it is immediate).
+    NeedsConfirmation(Box<Change>),
+    /// A pending passkey: it never became usable, so it is dropped at once.
+    Dropped,
+}
+
+/// Limits and settings the services need.
+#[derive(Debug, Clone)]
+pub struct StepUpSettings {
+    /// A forward owns a release this long; must outlast connect plus upstream timeout.
+    pub release_lease: Duration,
+    pub max_pending_per_user: u32,
+    pub passkeys: PasskeySettings,
+    /// Each rule's effective credential policy.
+    pub rule_policies: HashMap<String, CredentialPolicy>,
+}
+
 #[derive(Clone)]
 pub struct StepUp {
     store: Store,
     passkeys: Passkeys,
     clock: Arc<dyn Clock>,
-    release_lease: Duration,
-    max_pending_per_user: u32,
+    settings: Arc<StepUpSettings>,
 }
 
 impl StepUp {
-    /// `release_lease` must outlast one forward (connect plus upstream timeout), so no other
-    /// instance retries a forward that is still under way.
     pub fn new(
         store: Store,
         passkeys: Passkeys,
         clock: Arc<dyn Clock>,
-        release_lease: Duration,
-        max_pending_per_user: u32,
+        settings: StepUpSettings,
     ) -> Self {
         Self {
             store,
             passkeys,
             clock,
-            release_lease,
-            max_pending_per_user,
+            settings: Arc::new(settings),
         }
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.store
     }
 
     pub fn now(&self) -> OffsetDateTime {
@@ -85,6 +123,10 @@ impl StepUp {
 
     pub fn passkeys(&self) -> &Passkeys {
         &self.passkeys
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Stores a protected request as a held change. The upstream never sees it.
@@ -96,44 +138,34 @@ impl StepUp {
         request: HeldRequest,
     ) -> Result<Change, GateError> {
         let now = self.now();
-        // Bounded per user, so a flood of protected requests cannot grow the store without
-        // end. Approximate under concurrency (count, then insert), which is enough for that.
-        let pending = self.store.pending_changes_of(user.as_str()).await?;
-        if pending >= i64::from(self.max_pending_per_user) {
-            return Err(GateError::TooManyPendingChanges {
-                limit: self.max_pending_per_user,
-            });
+        let change = new_change(
+            user,
+            &rule.name,
+            rule.summary_for(params),
+            &request,
+            rule.cooling_off,
+            rule.confirm_within,
+            rule.release_within,
+            now,
+        );
+        self.insert_held(change).await
+    }
+
+    /// Bounded per user, so a flood of protected requests cannot grow the store without end.
+    /// Approximate under concurrency (count, then insert), which is enough for that.
+    async fn insert_held(&self, change: Change) -> Result<Change, GateError> {
+        let limit = self.settings.max_pending_per_user;
+        let pending = self.store.pending_changes_of(&change.user_id).await?;
+        if pending >= i64::from(limit) {
+            return Err(GateError::TooManyPendingChanges { limit });
         }
-        let change = Change {
-            id: Uuid::new_v4(),
-            user_id: user.as_str().to_string(),
-            rule: rule.name.clone(),
-            digest: request.digest(),
-            method: request.method,
-            path: request.path,
-            query: request.query,
-            headers: request.headers,
-            body: request.body.to_vec(),
-            summary: rule.summary_for(params),
-            state: State::Held,
-            cooling_off: rule.cooling_off,
-            release_within: rule.release_within,
-            created_at: now,
-            confirm_before: now + rule.confirm_within,
-            confirmed_at: None,
-            release_at: None,
-            release_before: None,
-            finished_at: None,
-            lease_until: None,
-            release_attempts: 0,
-            outcome_status: None,
-        };
         self.store.insert_change(&change).await?;
         Ok(change)
     }
 
-    /// One of the caller's changes, with a passed deadline turned into `expired` first.
-    /// Another user's change is indistinguishable from a missing one.
+    /// One of the caller's changes, settled: a passed deadline turns it `expired`, a due
+    /// built-in change is carried out. Another user's change is indistinguishable from a
+    /// missing one.
     pub async fn get(&self, user: &UserId, id: Uuid) -> Result<Change, GateError> {
         let change = self.owned(user, id).await?;
         self.settle(change).await
@@ -148,6 +180,14 @@ impl StepUp {
         Ok(settled)
     }
 
+    /// The credential policy a change is confirmed under.
+    fn policy_for(&self, change: &Change) -> &CredentialPolicy {
+        self.settings
+            .rule_policies
+            .get(&change.rule)
+            .unwrap_or(&self.settings.passkeys.policy)
+    }
+
     pub async fn start_confirm(
         &self,
         user: &UserId,
@@ -155,20 +195,25 @@ impl StepUp {
         session_binding: &str,
     ) -> Result<(Uuid, RequestChallengeResponse), GateError> {
         let now = self.now();
+        self.settle_passkeys(user).await?;
         let change = self.confirmable(user, id, now).await?;
+        let policy = self.policy_for(&change);
         self.passkeys
             .start_assertion(
                 user,
                 change.id,
                 &change.digest,
                 session_binding,
+                policy,
                 now,
                 change.confirm_before,
             )
             .await
     }
 
-    /// Checks the passkey assertion and moves the change to `cooling_off`.
+    /// Checks the passkey assertion and moves the change to `cooling_off`. A passkey still in
+    /// quarantine may confirm, but then the release waits until the quarantine is over. A
+    /// built-in change whose cooling-off is zero (removing a passkey) is carried out at once.
     pub async fn finish_confirm(
         &self,
         user: &UserId,
@@ -186,9 +231,10 @@ impl StepUp {
         }
         // The ceremony is consumed before anything else is decided, so a used ceremony id is
         // always `ceremony_invalid`, whatever became of the change since.
-        let (ceremony, _passkey) = self
+        let policy = self.policy_for(&change).clone();
+        let (ceremony, passkey) = self
             .passkeys
-            .finish_assertion(user, ceremony_id, session_binding, credential, now)
+            .finish_assertion(user, ceremony_id, session_binding, credential, &policy, now)
             .await?;
         // The assertion must have been started for this very change and request.
         if ceremony.change_id != Some(change.id)
@@ -196,7 +242,14 @@ impl StepUp {
         {
             return Err(GateError::CeremonyInvalid);
         }
-        self.apply(change, Event::Confirm, now).await
+        // Quarantine protects loosening changes; the gate's own passkey changes have their
+        // own cooling-off (adding) or must be immediate (removing).
+        let not_before = (!is_built_in(&change.rule))
+            .then(|| passkey.created_at + self.settings.passkeys.quarantine);
+        let confirmed = self
+            .apply(change, Event::Confirm { not_before }, now)
+            .await?;
+        self.settle(confirmed).await
     }
 
     /// Takes a due change for forwarding (`applying`, with a lease) if `digest` is the held
@@ -211,10 +264,11 @@ impl StepUp {
     ) -> Result<Change, GateError> {
         let now = self.now();
         let change = self.owned(user, id).await?;
-        if change.digest != digest {
+        // The gate's own changes are never forwarded (their digest names no real request).
+        if change.digest != digest || is_built_in(&change.rule) {
             return Err(GateError::ChangeMismatch);
         }
-        let lease_until = now + self.release_lease;
+        let lease_until = now + self.settings.release_lease;
         self.apply(change, Event::Release { lease_until }, now)
             .await
     }
@@ -230,8 +284,24 @@ impl StepUp {
         self.apply(change, outcome, now).await
     }
 
-    /// Background upkeep, safe to run on every instance at once: expires lapsed changes and
-    /// removes dead ceremonies and sessions. Returns the ids it expired.
+    /// Cancels a pending change; cancelling a cancelled change answers the same again.
+    /// Cancelling the addition of a passkey drops that passkey.
+    pub async fn cancel(&self, user: &UserId, id: Uuid) -> Result<Change, GateError> {
+        let now = self.now();
+        let change = self.owned(user, id).await?;
+        let cancelled = match self.apply(change, Event::Cancel, now).await {
+            Err(GateError::Refused(Refusal::Cancelled)) => self.owned(user, id).await?,
+            other => other?,
+        };
+        if cancelled.rule == ADD_PASSKEY {
+            self.settle_passkeys(user).await?;
+        }
+        Ok(cancelled)
+    }
+
+    /// Background upkeep, safe to run on every instance at once: expires lapsed changes,
+    /// activates added passkeys whose cooling-off is over, removes dead ceremonies and
+    /// sessions. Returns the ids it expired.
     pub async fn sweep(&self) -> Result<Vec<Uuid>, GateError> {
         let now = self.now();
         let mut expired = Vec::new();
@@ -243,20 +313,248 @@ impl StepUp {
                 break;
             }
         }
+        for user in self.store.users_with_pending_passkeys(100).await? {
+            if let Ok(user) = UserId::parse(&user) {
+                self.settle_passkeys(&user).await?;
+            }
+        }
         self.store.delete_expired_ceremonies(now).await?;
         self.store.delete_expired_sessions(now).await?;
         Ok(expired)
     }
 
-    /// Cancels a pending change; cancelling a cancelled change answers the same again.
-    pub async fn cancel(&self, user: &UserId, id: Uuid) -> Result<Change, GateError> {
-        let now = self.now();
-        let change = self.owned(user, id).await?;
-        match self.apply(change, Event::Cancel, now).await {
-            Err(GateError::Refused(Refusal::Cancelled)) => self.owned(user, id).await,
-            other => other,
-        }
+    // -- passkeys -------------------------------------------------------------------------
+
+    /// The user's passkeys, with added ones activated or dropped as their changes decided.
+    pub async fn list_passkeys(&self, user: &UserId) -> Result<Vec<PasskeyRecord>, GateError> {
+        self.settle_passkeys(user).await?;
+        self.passkeys.list(user).await
     }
+
+    /// Finishes a registration. The user's first passkey is active at once (and quarantined);
+    /// any further passkey is a protected change of its own: it must be confirmed with an
+    /// existing passkey and then cool off before it can be used.
+    pub async fn register_passkey(
+        &self,
+        user: &UserId,
+        ceremony_id: Uuid,
+        session_binding: &str,
+        credential: &RegisterPublicKeyCredential,
+        name: &str,
+    ) -> Result<Registration, GateError> {
+        let now = self.now();
+        let existing = self.list_passkeys(user).await?;
+        let has_active = existing.iter().any(|p| p.state == PasskeyState::Active);
+        let state = if has_active {
+            PasskeyState::Pending
+        } else {
+            PasskeyState::Active
+        };
+        let mut passkey = self
+            .passkeys
+            .finish_registration(
+                user,
+                ceremony_id,
+                session_binding,
+                credential,
+                name,
+                state,
+                now,
+            )
+            .await?;
+        if !has_active {
+            return Ok(Registration::Active(passkey));
+        }
+        let summary = format!(
+            "Add a new passkey \u{201c}{}\u{201d} to your account",
+            passkey.name
+        );
+        let change = self
+            .hold_built_in(
+                user,
+                ADD_PASSKEY,
+                summary,
+                &passkey,
+                self.settings.passkeys.add_cooling_off,
+                now,
+            )
+            .await;
+        let change = match change {
+            Ok(change) => change,
+            Err(error) => {
+                // Without its change the passkey could never activate: do not keep it.
+                self.store.delete_passkey(user.as_str(), passkey.id).await?;
+                return Err(error);
+            }
+        };
+        self.store
+            .set_activation_change(passkey.id, change.id)
+            .await?;
+        passkey.activation_change_id = Some(change.id);
+        Ok(Registration::Pending(passkey, Box::new(change)))
+    }
+
+    pub async fn rename_passkey(
+        &self,
+        user: &UserId,
+        passkey_id: Uuid,
+        name: &str,
+    ) -> Result<String, GateError> {
+        let name = crate::passkeys::passkey_name(name)?;
+        if !self
+            .store
+            .rename_passkey(user.as_str(), passkey_id, &name)
+            .await?
+        {
+            return Err(GateError::NotFound);
+        }
+        Ok(name)
+    }
+
+    /// Starts removing a passkey. Removal is tightening, so once confirmed it is immediate;
+    /// the confirmation keeps someone holding only the session from deleting the user's keys.
+    pub async fn request_passkey_removal(
+        &self,
+        user: &UserId,
+        passkey_id: Uuid,
+    ) -> Result<Removal, GateError> {
+        let now = self.now();
+        let passkeys = self.list_passkeys(user).await?;
+        let passkey = passkeys
+            .into_iter()
+            .find(|p| p.id == passkey_id)
+            .ok_or(GateError::NotFound)?;
+        if passkey.state == PasskeyState::Pending {
+            if let Some(change_id) = passkey.activation_change_id {
+                let change = self.owned(user, change_id).await?;
+                let _ = self.apply(change, Event::Cancel, now).await;
+            }
+            self.store.delete_passkey(user.as_str(), passkey.id).await?;
+            return Ok(Removal::Dropped);
+        }
+        let summary = format!(
+            "Remove the passkey \u{201c}{}\u{201d} from your account",
+            passkey.name
+        );
+        let change = self
+            .hold_built_in(user, REMOVE_PASSKEY, summary, &passkey, Duration::ZERO, now)
+            .await?;
+        Ok(Removal::NeedsConfirmation(Box::new(change)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn hold_built_in(
+        &self,
+        user: &UserId,
+        rule: &str,
+        summary: String,
+        passkey: &PasskeyRecord,
+        cooling_off: Duration,
+        now: OffsetDateTime,
+    ) -> Result<Change, GateError> {
+        let verb = if rule == ADD_PASSKEY { "add" } else { "remove" };
+        let body = serde_json::json!({ "passkey_id": passkey.id, "name": passkey.name });
+        let request = HeldRequest {
+            method: "POST".into(),
+            path: format!("/_stepgate/passkeys/{}/{verb}", passkey.id),
+            query: None,
+            content_type: Some(b"application/json".to_vec()),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Bytes::from(body.to_string()),
+        };
+        let change = new_change(
+            user,
+            rule,
+            summary,
+            &request,
+            cooling_off,
+            self.settings.passkeys.confirm_within,
+            BUILT_IN_RELEASE_WITHIN,
+            now,
+        );
+        self.insert_held(change).await
+    }
+
+    /// Brings the user's pending passkeys up to date with their changes: activated once the
+    /// change is done, dropped when it was cancelled or expired. Safe to repeat and to run on
+    /// several instances: every step is conditional.
+    async fn settle_passkeys(&self, user: &UserId) -> Result<(), GateError> {
+        let now = self.now();
+        for passkey in self.store.passkeys_of(user.as_str()).await? {
+            if passkey.state != PasskeyState::Pending {
+                continue;
+            }
+            let change = match passkey.activation_change_id {
+                Some(id) => self.store.change(id).await?,
+                None => None,
+            };
+            let Some(change) = change else {
+                // A pending passkey without its change can never activate.
+                self.store.delete_passkey(user.as_str(), passkey.id).await?;
+                continue;
+            };
+            let change = self.complete_if_due(change, now).await?;
+            match change.state {
+                State::Applied => {
+                    self.store
+                        .set_passkey_state(
+                            passkey.id,
+                            PasskeyState::Pending,
+                            PasskeyState::Active,
+                            now,
+                        )
+                        .await?;
+                }
+                State::Cancelled | State::Expired => {
+                    self.store.delete_passkey(user.as_str(), passkey.id).await?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes a built-in change whose cooling-off is over and carries out its effect.
+    async fn complete_if_due(
+        &self,
+        change: Change,
+        now: OffsetDateTime,
+    ) -> Result<Change, GateError> {
+        if !is_built_in(&change.rule) || change.state != State::CoolingOff {
+            return Ok(change);
+        }
+        if !matches!(change.release_at, Some(at) if now >= at) {
+            return Ok(change);
+        }
+        if change.rule == REMOVE_PASSKEY {
+            // Tightening first: the passkey is gone even if the bookkeeping below fails.
+            if let Some(passkey_id) = built_in_passkey_id(&change) {
+                self.store
+                    .delete_passkey(&change.user_id, passkey_id)
+                    .await?;
+            }
+        }
+        let completed = match self.apply(change.clone(), Event::Complete, now).await {
+            Ok(completed) => completed,
+            // Someone else completed or cancelled it meanwhile: report what it is now.
+            Err(GateError::Refused(_)) => self
+                .store
+                .change(change.id)
+                .await?
+                .ok_or(GateError::NotFound)?,
+            Err(other) => return Err(other),
+        };
+        if completed.rule == ADD_PASSKEY && completed.state == State::Applied {
+            if let Some(passkey_id) = built_in_passkey_id(&completed) {
+                self.store
+                    .set_passkey_state(passkey_id, PasskeyState::Pending, PasskeyState::Active, now)
+                    .await?;
+            }
+        }
+        Ok(completed)
+    }
+
+    // -- shared ---------------------------------------------------------------------------
 
     async fn owned(&self, user: &UserId, id: Uuid) -> Result<Change, GateError> {
         match self.store.change(id).await? {
@@ -273,7 +571,7 @@ impl StepUp {
         now: OffsetDateTime,
     ) -> Result<Change, GateError> {
         let change = self.owned(user, id).await?;
-        match transition(&change, Event::Confirm, now) {
+        match transition(&change, Event::Confirm { not_before: None }, now) {
             Ok(_) => Ok(change),
             Err(Refusal::Lapsed) => {
                 self.expire(change, now).await?;
@@ -325,14 +623,59 @@ impl StepUp {
         Ok(())
     }
 
-    /// Shows a change as it stands now: a lapsed one becomes `expired` on read.
+    /// Shows a change as it stands now: a lapsed one becomes `expired`, a due built-in one
+    /// is carried out.
     async fn settle(&self, change: Change) -> Result<Change, GateError> {
         let now = self.now();
-        if !change.lapsed(now) {
-            return Ok(change);
+        if change.lapsed(now) {
+            let id = change.id;
+            self.expire(change, now).await?;
+            return self.store.change(id).await?.ok_or(GateError::NotFound);
         }
-        let id = change.id;
-        self.expire(change, now).await?;
-        self.store.change(id).await?.ok_or(GateError::NotFound)
+        self.complete_if_due(change, now).await
+    }
+}
+
+/// The passkey a built-in change is about (stored in its body when it was created).
+fn built_in_passkey_id(change: &Change) -> Option<Uuid> {
+    let body: serde_json::Value = serde_json::from_slice(&change.body).ok()?;
+    Uuid::parse_str(body.get("passkey_id")?.as_str()?).ok()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn new_change(
+    user: &UserId,
+    rule: &str,
+    summary: String,
+    request: &HeldRequest,
+    cooling_off: Duration,
+    confirm_within: Duration,
+    release_within: Duration,
+    now: OffsetDateTime,
+) -> Change {
+    Change {
+        id: Uuid::new_v4(),
+        user_id: user.as_str().to_string(),
+        rule: rule.to_string(),
+        digest: request.digest(),
+        method: request.method.clone(),
+        path: request.path.clone(),
+        query: request.query.clone(),
+        headers: request.headers.clone(),
+        body: request.body.to_vec(),
+        summary,
+        state: State::Held,
+        cooling_off,
+        release_within,
+        created_at: now,
+        confirm_before: now + confirm_within,
+        confirmed_at: None,
+        release_at: None,
+        release_before: None,
+        finished_at: None,
+        lease_until: None,
+        release_attempts: 0,
+        outcome_status: None,
+        quarantined_until: None,
     }
 }

@@ -92,6 +92,8 @@ pub struct Change {
     pub release_attempts: i64,
     /// The upstream's status code for the forward that applied the change.
     pub outcome_status: Option<u16>,
+    /// Set when a young passkey confirmed it: `release_at` was moved to this time.
+    pub quarantined_until: Option<OffsetDateTime>,
 }
 
 impl Change {
@@ -114,6 +116,7 @@ impl Change {
         self.release_before = t.release_before.or(self.release_before);
         self.lease_until = t.lease_until.or(self.lease_until);
         self.outcome_status = t.outcome_status.or(self.outcome_status);
+        self.quarantined_until = t.quarantined_until.or(self.quarantined_until);
         self.release_attempts += i64::from(t.counts_attempt);
         if !t.to.is_pending() && self.finished_at.is_none() {
             self.finished_at = Some(t.at);
@@ -124,7 +127,14 @@ impl Change {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    Confirm,
+    /// A passkey assertion for this change; `not_before` is the confirming passkey's end of
+    /// quarantine, if any: the release may not come before it.
+    Confirm {
+        not_before: Option<OffsetDateTime>,
+    },
+    /// A change the gate itself carries out (adding or removing a passkey) is done once its
+    /// cooling-off is over; nothing is forwarded.
+    Complete,
     /// Take the change for forwarding, owning it until `lease_until`.
     Release {
         lease_until: OffsetDateTime,
@@ -153,6 +163,7 @@ pub struct Transition {
     /// Whether this move is one more forward of the request.
     pub counts_attempt: bool,
     pub outcome_status: Option<u16>,
+    pub quarantined_until: Option<OffsetDateTime>,
 }
 
 /// Why an event cannot happen now.
@@ -194,6 +205,7 @@ pub fn transition(
         lease_until: None,
         counts_attempt: false,
         outcome_status: None,
+        quarantined_until: None,
     };
     let applied = Refusal::AlreadyApplied {
         outcome_status: change.outcome_status,
@@ -214,19 +226,30 @@ pub fn transition(
         // Cancelling must always be easy, even past a deadline: the user wants it stopped.
         (State::Held | State::CoolingOff, Event::Cancel) => Ok(moved(State::Cancelled)),
 
-        (State::Held, Event::Confirm) => {
+        (State::Held, Event::Confirm { not_before }) => {
             if change.lapsed(now) {
                 return Err(Refusal::Lapsed);
             }
-            let release_at = now + change.cooling_off;
+            let cooled = now + change.cooling_off;
+            // A passkey in quarantine can confirm, but the release waits for the quarantine.
+            let quarantined_until = not_before.filter(|until| *until > cooled);
+            let release_at = quarantined_until.unwrap_or(cooled);
             Ok(Transition {
                 confirmed_at: Some(now),
                 release_at: Some(release_at),
                 release_before: Some(release_at + change.release_within),
+                quarantined_until,
                 ..moved(State::CoolingOff)
             })
         }
-        (State::CoolingOff, Event::Confirm) => Err(Refusal::NotHeld),
+        (State::CoolingOff, Event::Confirm { .. }) => Err(Refusal::NotHeld),
+        (State::CoolingOff, Event::Complete) => match change.release_at {
+            Some(release_at) if now >= release_at => Ok(moved(State::Applied)),
+            Some(release_at) => Err(Refusal::CoolingOff { release_at }),
+            None => Err(Refusal::NotConfirmed),
+        },
+        (State::Held, Event::Complete) => Err(Refusal::NotConfirmed),
+        (State::Applying, Event::Complete) => Err(Refusal::Applying),
 
         (State::Held, Event::Release { .. }) => {
             if change.lapsed(now) {
@@ -273,7 +296,7 @@ pub fn transition(
             lease_until: Some(now),
             ..moved(State::Applying)
         }),
-        (State::Applying, Event::Confirm) => Err(Refusal::NotHeld),
+        (State::Applying, Event::Confirm { .. }) => Err(Refusal::NotHeld),
         (State::Applying, Event::Cancel | Event::Expire) => Err(Refusal::Applying),
     }
 }
@@ -309,6 +332,7 @@ mod tests {
             lease_until: None,
             release_attempts: 0,
             outcome_status: None,
+            quarantined_until: None,
         }
     }
 
@@ -327,7 +351,7 @@ mod tests {
         let t0 = OffsetDateTime::now_utc();
         let mut c = held(t0);
         assert_eq!(transition(&c, release(t0), t0), Err(Refusal::NotConfirmed));
-        let confirm = transition(&c, Event::Confirm, t0 + MIN).unwrap();
+        let confirm = transition(&c, Event::Confirm { not_before: None }, t0 + MIN).unwrap();
         assert_eq!(confirm.to, State::CoolingOff);
         assert_eq!(confirm.release_at, Some(t0 + MIN + 24 * HOUR));
         apply(&mut c, &confirm);
@@ -361,7 +385,7 @@ mod tests {
         let t0 = OffsetDateTime::now_utc();
         let mut c = held(t0);
         assert_eq!(
-            transition(&c, Event::Confirm, t0 + 11 * MIN),
+            transition(&c, Event::Confirm { not_before: None }, t0 + 11 * MIN),
             Err(Refusal::Lapsed)
         );
         assert_eq!(
@@ -371,7 +395,7 @@ mod tests {
         let expire = transition(&c, Event::Expire, t0 + 11 * MIN).unwrap();
         assert_eq!(expire.to, State::Expired);
 
-        let confirm = transition(&c, Event::Confirm, t0).unwrap();
+        let confirm = transition(&c, Event::Confirm { not_before: None }, t0).unwrap();
         apply(&mut c, &confirm);
         let late = t0 + 24 * HOUR + 24 * HOUR + MIN;
         assert_eq!(transition(&c, release(late), late), Err(Refusal::Lapsed));
@@ -389,13 +413,16 @@ mod tests {
             transition(&c, Event::Cancel, t0).unwrap().to,
             State::Cancelled
         );
-        let confirm = transition(&c, Event::Confirm, t0).unwrap();
+        let confirm = transition(&c, Event::Confirm { not_before: None }, t0).unwrap();
         apply(&mut c, &confirm);
         assert_eq!(
             transition(&c, Event::Cancel, t0).unwrap().to,
             State::Cancelled
         );
-        assert_eq!(transition(&c, Event::Confirm, t0), Err(Refusal::NotHeld));
+        assert_eq!(
+            transition(&c, Event::Confirm { not_before: None }, t0),
+            Err(Refusal::NotHeld)
+        );
         c.state = State::Cancelled;
         assert_eq!(transition(&c, release(t0), t0), Err(Refusal::Cancelled));
         c.state = State::Expired;
@@ -407,7 +434,7 @@ mod tests {
         let t0 = OffsetDateTime::now_utc();
         let mut c = held(t0);
         c.cooling_off = Duration::ZERO;
-        let confirm = transition(&c, Event::Confirm, t0).unwrap();
+        let confirm = transition(&c, Event::Confirm { not_before: None }, t0).unwrap();
         apply(&mut c, &confirm);
         let taken = transition(&c, release(t0), t0).unwrap();
         apply(&mut c, &taken);
@@ -429,6 +456,50 @@ mod tests {
         assert!(!given_back.counts_attempt);
         apply(&mut c, &given_back);
         assert!(transition(&c, release(t0 + MIN), t0 + MIN).is_ok());
+    }
+
+    #[test]
+    fn a_quarantined_passkey_moves_release_at_only_later() {
+        let t0 = OffsetDateTime::now_utc();
+        let c = held(t0);
+        let early = Event::Confirm {
+            not_before: Some(t0 + HOUR),
+        };
+        assert_eq!(
+            transition(&c, early, t0).unwrap().release_at,
+            Some(t0 + 24 * HOUR)
+        );
+        assert_eq!(transition(&c, early, t0).unwrap().quarantined_until, None);
+        let late = Event::Confirm {
+            not_before: Some(t0 + 48 * HOUR),
+        };
+        let t = transition(&c, late, t0).unwrap();
+        assert_eq!(t.release_at, Some(t0 + 48 * HOUR));
+        assert_eq!(t.quarantined_until, Some(t0 + 48 * HOUR));
+        assert_eq!(t.release_before, Some(t0 + 72 * HOUR));
+    }
+
+    #[test]
+    fn built_in_changes_complete_without_a_forward() {
+        let t0 = OffsetDateTime::now_utc();
+        let mut c = held(t0);
+        assert_eq!(
+            transition(&c, Event::Complete, t0),
+            Err(Refusal::NotConfirmed)
+        );
+        let confirm = transition(&c, Event::Confirm { not_before: None }, t0).unwrap();
+        apply(&mut c, &confirm);
+        let early = transition(&c, Event::Complete, t0);
+        assert_eq!(
+            early,
+            Err(Refusal::CoolingOff {
+                release_at: t0 + 24 * HOUR
+            })
+        );
+        assert_eq!(
+            transition(&c, Event::Complete, t0 + 24 * HOUR).unwrap().to,
+            State::Applied
+        );
     }
 
     #[test]

@@ -61,6 +61,37 @@ pub enum Backend {
     Postgres,
 }
 
+/// Whether a passkey may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasskeyState {
+    Active,
+    /// Added while the user had another passkey: waits for its own confirmed change.
+    Pending,
+    /// Its signature counter went backwards: possibly cloned, never used again.
+    Disabled,
+}
+
+impl PasskeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PasskeyState::Active => "active",
+            PasskeyState::Pending => "pending",
+            PasskeyState::Disabled => "disabled",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, StoreError> {
+        match text {
+            "active" => Ok(PasskeyState::Active),
+            "pending" => Ok(PasskeyState::Pending),
+            "disabled" => Ok(PasskeyState::Disabled),
+            other => Err(StoreError::Corrupt(format!(
+                "unknown passkey state {other}"
+            ))),
+        }
+    }
+}
+
 /// A registered passkey.
 #[derive(Debug, Clone)]
 pub struct PasskeyRecord {
@@ -73,6 +104,11 @@ pub struct PasskeyRecord {
     pub backup_eligible: bool,
     pub created_at: OffsetDateTime,
     pub last_used_at: Option<OffsetDateTime>,
+    pub state: PasskeyState,
+    /// The authenticator model, from the registration's authenticator data.
+    pub aaguid: Option<Uuid>,
+    /// For a pending passkey: the change that must be confirmed and cool off to activate it.
+    pub activation_change_id: Option<Uuid>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,10 +153,10 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migratio
 const CHANGE_COLUMNS: &str = "id, user_id, rule_name, method, path, query, headers_json, body, \
      digest, summary, state, cooling_off_ms, release_within_ms, created_at, confirm_before, \
      confirmed_at, release_at, release_before, finished_at, lease_until, release_attempts, \
-     outcome_status";
+     outcome_status, quarantined_until";
 
-const PASSKEY_COLUMNS: &str =
-    "id, user_id, credential_id, name, passkey_json, backup_eligible, created_at, last_used_at";
+const PASSKEY_COLUMNS: &str = "id, user_id, credential_id, name, passkey_json, backup_eligible, \
+     created_at, last_used_at, state, aaguid, activation_change_id";
 
 impl Store {
     /// Connects to `sqlite:...` or `postgres://...` with the default 5 s acquire timeout.
@@ -240,7 +276,8 @@ impl Store {
     /// (to anyone).
     pub async fn insert_passkey(&self, passkey: &PasskeyRecord) -> Result<(), StoreError> {
         sqlx::query(&format!(
-            "INSERT INTO passkeys ({PASSKEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            "INSERT INTO passkeys ({PASSKEY_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         ))
         .bind(passkey.id.to_string())
         .bind(&passkey.user_id)
@@ -250,9 +287,135 @@ impl Store {
         .bind(i64::from(passkey.backup_eligible))
         .bind(to_millis(passkey.created_at))
         .bind(passkey.last_used_at.map(to_millis))
+        .bind(passkey.state.as_str())
+        .bind(passkey.aaguid.map(|id| id.to_string()))
+        .bind(passkey.activation_change_id.map(|id| id.to_string()))
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Links a pending passkey to the change that activates it.
+    pub async fn set_activation_change(
+        &self,
+        passkey_id: Uuid,
+        change_id: Uuid,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE passkeys SET activation_change_id = $1 WHERE id = $2")
+            .bind(change_id.to_string())
+            .bind(passkey_id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Moves a passkey from one state to another; `false` if it was not in `from`.
+    pub async fn set_passkey_state(
+        &self,
+        passkey_id: Uuid,
+        from: PasskeyState,
+        to: PasskeyState,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let disabled_at = (to == PasskeyState::Disabled).then_some(to_millis(now));
+        let done = sqlx::query(
+            "UPDATE passkeys SET state = $1, disabled_at = COALESCE($2, disabled_at) \
+             WHERE id = $3 AND state = $4",
+        )
+        .bind(to.as_str())
+        .bind(disabled_at)
+        .bind(passkey_id.to_string())
+        .bind(from.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Deletes one of `user_id`'s passkeys; `false` if there was none.
+    pub async fn delete_passkey(
+        &self,
+        user_id: &str,
+        passkey_id: Uuid,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM passkeys WHERE id = $1 AND user_id = $2")
+            .bind(passkey_id.to_string())
+            .bind(user_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Renames one of `user_id`'s passkeys; `false` if there was none.
+    pub async fn rename_passkey(
+        &self,
+        user_id: &str,
+        passkey_id: Uuid,
+        name: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE passkeys SET name = $1 WHERE id = $2 AND user_id = $3")
+            .bind(name)
+            .bind(passkey_id.to_string())
+            .bind(user_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Users with pending passkeys, for the sweep to settle their activation.
+    pub async fn users_with_pending_passkeys(&self, limit: i64) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT user_id FROM passkeys WHERE state = 'pending' ORDER BY user_id LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|row| Ok(row.try_get("user_id")?)).collect()
+    }
+
+    /// Records a security event (for example a signature counter that went backwards).
+    pub async fn record_security_event(
+        &self,
+        user_id: &str,
+        kind: &str,
+        passkey_id: Option<Uuid>,
+        detail: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO security_events (id, user_id, kind, passkey_id, detail, occurred_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(Uuid::new_v4().to_string())
+        .bind(user_id)
+        .bind(kind)
+        .bind(passkey_id.map(|id| id.to_string()))
+        .bind(detail)
+        .bind(to_millis(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The kinds and passkeys of the user's security events, newest first.
+    pub async fn security_events_of(
+        &self,
+        user_id: &str,
+    ) -> Result<Vec<(String, Option<Uuid>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT kind, passkey_id FROM security_events WHERE user_id = $1 ORDER BY occurred_at DESC",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let passkey: Option<String> = row.try_get("passkey_id")?;
+                Ok((
+                    row.try_get("kind")?,
+                    passkey.as_deref().map(parse_uuid).transpose()?,
+                ))
+            })
+            .collect()
     }
 
     /// Records a successful assertion: the updated credential (counter, backup state) and
@@ -380,7 +543,7 @@ impl Store {
         sqlx::query(&format!(
             "INSERT INTO changes ({CHANGE_COLUMNS}, updated_at) VALUES \
              ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-             $19, $20, $21, $22, $23)"
+             $19, $20, $21, $22, $23, $24)"
         ))
         .bind(change.id.to_string())
         .bind(&change.user_id)
@@ -404,6 +567,7 @@ impl Store {
         .bind(change.lease_until.map(to_millis))
         .bind(change.release_attempts)
         .bind(change.outcome_status.map(i64::from))
+        .bind(change.quarantined_until.map(to_millis))
         .bind(to_millis(change.created_at))
         .execute(&self.pool)
         .await?;
@@ -451,6 +615,7 @@ impl Store {
              lease_until = COALESCE($6, lease_until), \
              release_attempts = release_attempts + $7, \
              outcome_status = COALESCE($8, outcome_status), \
+             quarantined_until = COALESCE($13, quarantined_until), \
              updated_at = $9 \
              WHERE id = $10 AND state = $11 AND COALESCE(lease_until, -1) = $12",
         )
@@ -466,6 +631,7 @@ impl Store {
         .bind(change.id.to_string())
         .bind(t.from.as_str())
         .bind(change.lease_until.map_or(-1, to_millis))
+        .bind(t.quarantined_until.map(to_millis))
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -587,6 +753,9 @@ fn change_from_row(row: &AnyRow) -> Result<Change, StoreError> {
         outcome_status: row
             .try_get::<Option<i64>, _>("outcome_status")?
             .and_then(|status| u16::try_from(status).ok()),
+        quarantined_until: row
+            .try_get::<Option<i64>, _>("quarantined_until")?
+            .map(from_millis),
     })
 }
 
@@ -604,5 +773,16 @@ fn passkey_from_row(row: &AnyRow) -> Result<PasskeyRecord, StoreError> {
         last_used_at: row
             .try_get::<Option<i64>, _>("last_used_at")?
             .map(from_millis),
+        state: PasskeyState::parse(&row.try_get::<String, _>("state")?)?,
+        aaguid: row
+            .try_get::<Option<String>, _>("aaguid")?
+            .as_deref()
+            .map(parse_uuid)
+            .transpose()?,
+        activation_change_id: row
+            .try_get::<Option<String>, _>("activation_change_id")?
+            .as_deref()
+            .map(parse_uuid)
+            .transpose()?,
     })
 }

@@ -13,7 +13,10 @@ use webauthn_rs::prelude::{PublicKeyCredential, RegisterPublicKeyCredential};
 use super::{session_binding, ApiError, AppState, Caller, JsonBody};
 use crate::clock::rfc3339;
 use crate::error::GateError;
+use crate::stepup::service::{Registration, Removal};
 use crate::stepup::Change;
+use crate::store::PasskeyRecord;
+use http::StatusCode;
 
 /// The JSON view of a change.
 pub fn change_json(change: &Change) -> Value {
@@ -29,6 +32,7 @@ pub fn change_json(change: &Change) -> Value {
         "confirmed_at": change.confirmed_at.map(rfc3339),
         "release_at": change.release_at.map(rfc3339),
         "release_before": change.release_before.map(rfc3339),
+        "quarantined_until": change.quarantined_until.map(rfc3339),
     })
 }
 
@@ -68,6 +72,22 @@ pub struct RegisterFinish {
     name: String,
 }
 
+/// The JSON view of a passkey.
+pub fn passkey_json(passkey: &PasskeyRecord, quarantine: std::time::Duration) -> Value {
+    json!({
+        "id": passkey.id,
+        "name": passkey.name,
+        "state": passkey.state.as_str(),
+        "created_at": rfc3339(passkey.created_at),
+        "last_used_at": passkey.last_used_at.map(rfc3339),
+        "backup_eligible": passkey.backup_eligible,
+        "aaguid": passkey.aaguid,
+        "quarantined_until": rfc3339(passkey.created_at + quarantine),
+    })
+}
+
+/// 200 with the passkey when it is the user's first (active, quarantined); 202 with the
+/// change to confirm when the user already had one.
 pub async fn register_finish(
     State(state): State<AppState>,
     Caller(user): Caller,
@@ -75,26 +95,87 @@ pub async fn register_finish(
     JsonBody(request): JsonBody<RegisterFinish>,
 ) -> Result<Response, ApiError> {
     let binding = session_binding(&session).await?;
-    let passkey = state
+    let registration = state
         .stepup
-        .passkeys()
-        .finish_registration(
+        .register_passkey(
             &user,
             request.ceremony_id,
             &binding,
             &request.credential,
             &request.name,
-            state.clock.now(),
         )
         .await?;
-    tracing::info!(user = %user, passkey = %passkey.id, "registered a passkey");
-    Ok(Json(json!({
-        "id": passkey.id,
-        "name": passkey.name,
-        "created_at": rfc3339(passkey.created_at),
-        "backup_eligible": passkey.backup_eligible,
-    }))
-    .into_response())
+    let quarantine = state.config.passkeys.quarantine;
+    Ok(match registration {
+        Registration::Active(passkey) => {
+            tracing::info!(user = %user, passkey = %passkey.id, "registered a first passkey");
+            Json(passkey_json(&passkey, quarantine)).into_response()
+        }
+        Registration::Pending(passkey, change) => {
+            tracing::info!(user = %user, passkey = %passkey.id, change = %change.id, "registered a passkey that waits for confirmation");
+            let mut body = passkey_json(&passkey, quarantine);
+            body["change_id"] = json!(change.id);
+            body["confirm_url"] = json!(state.confirm_url(change.id));
+            body["summary"] = json!(change.summary);
+            (StatusCode::ACCEPTED, Json(body)).into_response()
+        }
+    })
+}
+
+pub async fn list_passkeys(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+) -> Result<Response, ApiError> {
+    let passkeys = state.stepup.list_passkeys(&user).await?;
+    let quarantine = state.config.passkeys.quarantine;
+    let passkeys: Vec<Value> = passkeys
+        .iter()
+        .map(|p| passkey_json(p, quarantine))
+        .collect();
+    Ok(Json(json!({ "passkeys": passkeys })).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct RenamePasskey {
+    name: String,
+}
+
+pub async fn rename_passkey(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    JsonBody(request): JsonBody<RenamePasskey>,
+) -> Result<Response, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError(GateError::NotFound))?;
+    let name = state
+        .stepup
+        .rename_passkey(&user, id, &request.name)
+        .await?;
+    Ok(Json(json!({ "id": id, "name": name })).into_response())
+}
+
+/// 202 with the change to confirm; 200 when a pending passkey was simply dropped.
+pub async fn remove_passkey(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError(GateError::NotFound))?;
+    Ok(
+        match state.stepup.request_passkey_removal(&user, id).await? {
+            Removal::NeedsConfirmation(change) => (
+                StatusCode::ACCEPTED,
+                Json(json!({
+                    "change_id": change.id,
+                    "confirm_url": state.confirm_url(change.id),
+                    "summary": change.summary,
+                    "state": change.state.as_str(),
+                })),
+            )
+                .into_response(),
+            Removal::Dropped => Json(json!({ "state": "removed" })).into_response(),
+        },
+    )
 }
 
 pub async fn list_changes(
@@ -154,11 +235,17 @@ pub async fn confirm_finish(
         )
         .await?;
     tracing::info!(change = %change.id, user = %user, "confirmed a change with a passkey");
-    Ok(Json(json!({
+    let mut body = json!({
         "state": change.state.as_str(),
         "release_at": change.release_at.map(rfc3339),
-    }))
-    .into_response())
+    });
+    if let Some(until) = change.quarantined_until {
+        body["quarantined_until"] = json!(rfc3339(until));
+        body["message"] = json!(
+            "Your passkey is new, so this change waits until the passkey is old enough (its quarantine) before it can take effect."
+        );
+    }
+    Ok(Json(body).into_response())
 }
 
 pub async fn cancel(

@@ -14,6 +14,7 @@ use crate::clock::rfc3339;
 use crate::error::GateError;
 use crate::identity::UserId;
 use crate::stepup::{Change, State as ChangeState};
+use crate::store::PasskeyState;
 
 /// An error on a page route. Browsers (which ask for `text/html`) get a page with a sentence;
 /// API clients and tests get the same JSON as the API, with the same status code.
@@ -110,6 +111,7 @@ pub struct ChangeView {
     pub created_at: String,
     pub confirm_before: String,
     pub release_at: Option<String>,
+    pub quarantined_until: Option<String>,
     pub can_confirm: bool,
     pub can_cancel: bool,
     pub cooling_off_words: String,
@@ -139,6 +141,7 @@ impl ChangeView {
             created_at: rfc3339(change.created_at),
             confirm_before: rfc3339(change.confirm_before),
             release_at: change.release_at.map(rfc3339),
+            quarantined_until: change.quarantined_until.map(rfc3339),
             can_confirm: change.state == ChangeState::Held,
             can_cancel: change.state.is_pending(),
             cooling_off_words: humantime::format_duration(change.cooling_off).to_string(),
@@ -201,6 +204,8 @@ pub async fn changes_page(
 }
 
 pub struct PasskeyView {
+    pub id: String,
+    pub state: &'static str,
     pub name: String,
     pub created_at: String,
     pub last_used_at: String,
@@ -220,8 +225,7 @@ pub async fn passkeys_page(
 ) -> Result<Response, PageError> {
     let passkeys = state
         .stepup
-        .passkeys()
-        .list(&viewer.user)
+        .list_passkeys(&viewer.user)
         .await
         .map_err(|e| viewer.error(e))?;
     Ok(render(&PasskeysPage {
@@ -229,6 +233,12 @@ pub async fn passkeys_page(
         passkeys: passkeys
             .iter()
             .map(|p| PasskeyView {
+                id: p.id.to_string(),
+                state: match p.state {
+                    PasskeyState::Active => "active",
+                    PasskeyState::Pending => "waiting for your confirmation and cooling-off",
+                    PasskeyState::Disabled => "disabled (it may have been copied)",
+                },
                 name: p.name.clone(),
                 created_at: rfc3339(p.created_at),
                 last_used_at: p

@@ -13,7 +13,9 @@ use stepgate::clock::{Clock, ManualClock};
 use stepgate::stepup::state::transition;
 use stepgate::stepup::{Change, Event, State};
 use stepgate::store::sessions::DbSessionStore;
-use stepgate::store::{CeremonyKind, CeremonyRecord, PasskeyRecord, Store, StoreError};
+use stepgate::store::{
+    CeremonyKind, CeremonyRecord, PasskeyRecord, PasskeyState, Store, StoreError,
+};
 use testdb::{Backend, TestDb};
 use time::OffsetDateTime;
 use tower_sessions::session::{Id, Record};
@@ -89,6 +91,9 @@ fn passkey_record(user: &str, passkey: Passkey, credential_id: &str) -> PasskeyR
         backup_eligible: false,
         created_at: now(),
         last_used_at: None,
+        state: PasskeyState::Active,
+        aaguid: None,
+        activation_change_id: None,
     }
 }
 
@@ -117,6 +122,7 @@ fn held_change(user: &str, at: OffsetDateTime) -> Change {
         lease_until: None,
         release_attempts: 0,
         outcome_status: None,
+        quarantined_until: None,
     }
 }
 
@@ -245,7 +251,7 @@ async fn a_transition_is_applied_once_under_contention(backend: Backend) {
     let t0 = now();
     let change = held_change("alice", t0);
     store.insert_change(&change).await.expect("insert");
-    let confirm = transition(&change, Event::Confirm, t0).expect("confirm");
+    let confirm = transition(&change, Event::Confirm { not_before: None }, t0).expect("confirm");
     let attempts = (0..32).map(|_| {
         let store = store.clone();
         let confirm = confirm.clone();
@@ -282,7 +288,7 @@ async fn a_release_lease_is_taken_by_one_instance_only(backend: Backend) {
     let mut change = held_change("alice", t0);
     change.cooling_off = Duration::ZERO;
     store.insert_change(&change).await.expect("insert");
-    let confirm = transition(&change, Event::Confirm, t0).expect("confirm");
+    let confirm = transition(&change, Event::Confirm { not_before: None }, t0).expect("confirm");
     assert!(store
         .apply_transition(&change, &confirm)
         .await
