@@ -17,8 +17,14 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> OffsetDateTime {
-        OffsetDateTime::now_utc()
+        truncate_to_millis(OffsetDateTime::now_utc())
     }
+}
+
+/// The store keeps milliseconds; a time handed out with more precision would read back
+/// different from what an answer said a moment earlier.
+pub fn truncate_to_millis(t: OffsetDateTime) -> OffsetDateTime {
+    from_millis(to_millis(t))
 }
 
 /// A clock that only moves when told to; cloned handles share one time.
@@ -37,10 +43,7 @@ impl ManualClock {
     /// Starts at the current wall-clock time, truncated to whole milliseconds
     /// (the precision the store keeps).
     pub fn starting_now() -> Self {
-        let now = OffsetDateTime::now_utc();
-        let millis = now.unix_timestamp_nanos() / 1_000_000;
-        let start = OffsetDateTime::from_unix_timestamp_nanos(millis * 1_000_000).unwrap_or(now);
-        Self::new(start)
+        Self::new(truncate_to_millis(OffsetDateTime::now_utc()))
     }
 
     pub fn advance(&self, by: Duration) {
@@ -99,7 +102,7 @@ impl Clock for OffsetFileClock {
             .ok()
             .and_then(|text| text.trim().parse::<i64>().ok())
             .unwrap_or(0);
-        OffsetDateTime::now_utc() + time::Duration::seconds(offset)
+        truncate_to_millis(OffsetDateTime::now_utc() + time::Duration::seconds(offset))
     }
 }
 

@@ -78,6 +78,7 @@ async fn handle(
         return forward(state, parts, path_and_query, body, peer, None).await;
     }
 
+    refuse_connection_tricks(&parts.headers)?;
     let user = state
         .config
         .identity
@@ -201,6 +202,26 @@ async fn record_release_outcome(state: &AppState, change: Change, outcome: Optio
         // retry reuses the same Idempotency-Key, so the upstream still applies it once.
         tracing::error!(change = %id, %error, "could not record a release's outcome");
     }
+}
+
+/// On a protected route, a `Connection` header naming other headers would make the gate drop
+/// them before forwarding (they are hop-by-hop by declaration) — including `Content-Type`,
+/// which the decision was made on. Only the connection options themselves are accepted.
+fn refuse_connection_tricks(headers: &HeaderMap) -> Result<(), GateError> {
+    let names_a_header = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+        .any(|token| {
+            !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
+        });
+    if names_a_header {
+        return Err(GateError::BadRequest(
+            "a Connection header naming other headers is not accepted on protected routes".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Reads a protected route's body, refusing (413) beyond `limit` without reading further.

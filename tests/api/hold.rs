@@ -186,7 +186,47 @@ async fn a_body_that_is_not_strict_json_is_refused_400_and_never_forwarded(backe
     );
 }
 
+/// `Connection` makes the named headers hop-by-hop, so the gate would drop them before
+/// forwarding. On a protected route that could strip the very `Content-Type` the decision was
+/// made on, letting the exchange read the body some other way: refused outright.
+async fn a_connection_header_naming_other_headers_is_refused_on_protected_routes(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
+    let alice = app.user("alice");
+    let removing = ApiRequest {
+        method: Method::PUT,
+        path_and_query: "/api/v1/api-keys/k1".into(),
+        content_type: "application/json".into(),
+        body: r#"{"permissions":["read"]}"#.into(),
+    };
+    for connection in ["content-type", "keep-alive, Content-Type", "x-anything"] {
+        let response = alice
+            .request(removing.method.clone(), &removing.path_and_query)
+            .header("content-type", &removing.content_type)
+            .header("connection", connection)
+            .body(removing.body.clone())
+            .send()
+            .await
+            .expect("send");
+        expect_error(response, StatusCode::BAD_REQUEST, "bad_request").await;
+    }
+    assert!(app.upstream.received().is_empty(), "nothing was forwarded");
+    // The connection options themselves are fine.
+    let response = alice
+        .request(removing.method.clone(), &removing.path_and_query)
+        .header("content-type", &removing.content_type)
+        .header("connection", "keep-alive")
+        .body(removing.body.clone())
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(app.upstream.received().len(), 1);
+}
+
 crate::on_both_backends!(
+    a_connection_header_naming_other_headers_is_refused_on_protected_routes,
     a_held_change_is_described_in_the_403_and_never_reaches_the_exchange,
     gate_answers_are_never_cached,
     a_body_over_the_limit_is_refused_413_and_never_forwarded,
