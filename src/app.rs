@@ -13,6 +13,7 @@ use tower_sessions::{Expiry, SessionManagerLayer};
 
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::notify::Notifier;
 use crate::passkeys::{build_webauthn, CeremonySettings, Passkeys};
 use crate::proxy::Upstream;
 use crate::stepup::service::StepUpSettings;
@@ -43,6 +44,7 @@ pub async fn build(
     }
     let webauthn = build_webauthn(&config.webauthn, &config).map_err(anyhow::Error::msg)?;
     let public_origin = config.public_url.origin().ascii_serialization();
+    let notifier = Notifier::new(config.notifications.clone(), public_origin.clone());
     let passkeys = Passkeys::new(
         webauthn,
         store.clone(),
@@ -53,6 +55,7 @@ pub async fn build(
             request_attestation: config.passkeys.request_attestation,
             public_origin: public_origin.clone(),
         },
+        notifier.clone(),
     );
     // A forward takes at most connect + upstream timeout; the lease outlasts it.
     let release_lease =
@@ -60,6 +63,7 @@ pub async fn build(
     let stepup = StepUp::new(
         store.clone(),
         passkeys,
+        notifier,
         clock.clone(),
         StepUpSettings {
             release_lease,

@@ -17,6 +17,7 @@ use uuid::Uuid;
 use webauthn_rs::prelude::AttestationCaListBuilder;
 
 use crate::identity::{IdentitySettings, JwtAlgorithm, JwtSettings};
+use crate::notify::NotifySettings;
 use crate::passkeys::CredentialPolicy;
 use crate::policy::{Condition, ConditionTest, ExtraMediaType, Rule, RuleSet, RuleSpec};
 
@@ -36,6 +37,7 @@ pub struct Config {
     pub limits: Limits,
     pub rules: RuleSet,
     pub passkeys: PasskeySettings,
+    pub notifications: NotifySettings,
     /// The effective credential policy of each rule (its own settings over the global ones).
     pub rule_policies: HashMap<String, CredentialPolicy>,
 }
@@ -128,6 +130,19 @@ struct FileConfig {
     rules: Vec<FileRule>,
     #[serde(default)]
     passkeys: FilePasskeys,
+    #[serde(default)]
+    notifications: FileNotifications,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNotifications {
+    #[serde(default)]
+    webhooks: Vec<String>,
+    signing_secret: Option<String>,
+    max_attempts: Option<Count>,
+    retry_base: Option<String>,
+    anti_phishing_header: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -214,6 +229,15 @@ struct FileLimits {
 enum Count {
     Number(u32),
     Text(String),
+}
+
+impl Count {
+    fn copy(&self) -> Count {
+        match self {
+            Count::Number(n) => Count::Number(*n),
+            Count::Text(t) => Count::Text(t.clone()),
+        }
+    }
 }
 
 fn count_or(value: Option<Count>, default: u32) -> Result<u32, String> {
@@ -562,6 +586,8 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
             .map_err(|why| err("limits.max_ceremonies_per_minute", why))?,
     };
 
+    let notifications =
+        validate_notifications(&file.notifications).map_err(|why| err("notifications", why))?;
     let global_file_policy = file.passkeys.policy();
     let global_policy =
         build_policy(&global_file_policy, None).map_err(|why| err("passkeys", why))?;
@@ -613,7 +639,52 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
         limits,
         rules,
         passkeys,
+        notifications,
         rule_policies,
+    })
+}
+
+fn validate_notifications(file: &FileNotifications) -> Result<NotifySettings, String> {
+    let webhooks = file
+        .webhooks
+        .iter()
+        .map(|url| {
+            let parsed = Url::parse(url).map_err(|e| format!("webhooks: `{url}`: {e}"))?;
+            if parsed.scheme() != "http" {
+                return Err(format!(
+                    "webhooks: `{url}` must be http:// (deliveries are signed; keep the receiver on a private network)"
+                ));
+            }
+            Ok(parsed)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let signing_secret = match &file.signing_secret {
+        Some(secret) if secret.len() < 32 => {
+            return Err("signing_secret must be at least 32 characters long".into())
+        }
+        other => other.as_ref().map(|s| s.clone().into_bytes()),
+    };
+    if !webhooks.is_empty() && signing_secret.is_none() {
+        return Err(
+            "webhooks need a signing_secret (set STEPGATE_NOTIFICATIONS__SIGNING_SECRET)".into(),
+        );
+    }
+    let anti_phishing_header = file
+        .anti_phishing_header
+        .as_ref()
+        .map(|name| {
+            http::HeaderName::try_from(name.to_ascii_lowercase())
+                .map_err(|_| "anti_phishing_header is not a header name".to_string())
+        })
+        .transpose()?;
+    Ok(NotifySettings {
+        webhooks,
+        signing_secret,
+        max_attempts: count_or(file.max_attempts.as_ref().map(Count::copy), 8)
+            .map_err(|e| format!("max_attempts: {e}"))?,
+        retry_base: duration_or(file.retry_base.clone(), "2s")
+            .map_err(|e| format!("retry_base: {e}"))?,
+        anti_phishing_header,
     })
 }
 

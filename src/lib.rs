@@ -7,11 +7,13 @@
 //! [`clock`] to inject time, and [`demo`] for the built-in walkthrough.
 
 pub mod app;
+pub mod audit;
 pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod identity;
+pub mod notify;
 pub mod passkeys;
 pub mod policy;
 pub mod proxy;

@@ -25,8 +25,11 @@ pub use policy::{CredentialPolicy, NotAllowed};
 use crate::config::{Config, WebauthnSettings};
 use crate::error::GateError;
 use crate::identity::{base64url, UserId};
+use crate::notify::Notifier;
 use crate::policy::sanitize_for_display;
-use crate::store::{CeremonyKind, CeremonyRecord, PasskeyRecord, PasskeyState, Store, StoreError};
+use crate::store::{
+    CeremonyKind, CeremonyRecord, Effects, PasskeyRecord, PasskeyState, Store, StoreError,
+};
 
 /// The passkey of a successful assertion.
 #[derive(Debug, Clone)]
@@ -54,6 +57,7 @@ pub struct Passkeys {
     webauthn: Arc<Webauthn>,
     store: Store,
     settings: Arc<CeremonySettings>,
+    notifier: Notifier,
 }
 
 /// Builds the relying party from the config; `public_url` is the only accepted origin.
@@ -72,11 +76,17 @@ struct ClientData {
 }
 
 impl Passkeys {
-    pub fn new(webauthn: Webauthn, store: Store, settings: CeremonySettings) -> Self {
+    pub fn new(
+        webauthn: Webauthn,
+        store: Store,
+        settings: CeremonySettings,
+        notifier: Notifier,
+    ) -> Self {
         Self {
             webauthn: Arc::new(webauthn),
             store,
             settings: Arc::new(settings),
+            notifier,
         }
     }
 
@@ -155,6 +165,7 @@ impl Passkeys {
         name: &str,
         state: PasskeyState,
         now: OffsetDateTime,
+        effects_of: &(dyn Fn(&PasskeyRecord) -> Effects + Sync),
     ) -> Result<PasskeyRecord, GateError> {
         let name = passkey_name(name)?;
         let ceremony = self
@@ -191,7 +202,11 @@ impl Passkeys {
             .registration_policy
             .admits_model(&record, system_time(now))
             .map_err(|NotAllowed(why)| GateError::PasskeyNotAllowed(why))?;
-        match self.store.insert_passkey(&record).await {
+        match self
+            .store
+            .insert_passkey(&record, &effects_of(&record))
+            .await
+        {
             Ok(()) => Ok(record),
             Err(StoreError::Duplicate) => Err(GateError::DuplicateCredential),
             Err(other) => Err(other.into()),
@@ -359,6 +374,19 @@ impl Passkeys {
         }) else {
             return GateError::AssertionInvalid("not one of your passkeys".into());
         };
+        let code = match self.store.anti_phishing_code(user.as_str()).await {
+            Ok(code) => code,
+            Err(error) => return error.into(),
+        };
+        let effects = self.notifier.effects(
+            "passkey.disabled",
+            user.as_str(),
+            None,
+            serde_json::json!({ "passkey_id": passkey.id, "name": passkey.name, "reason": "signature counter went backwards" }),
+            true,
+            code.as_deref(),
+            now,
+        );
         if let Err(error) = self
             .store
             .set_passkey_state(
@@ -366,6 +394,7 @@ impl Passkeys {
                 PasskeyState::Active,
                 PasskeyState::Disabled,
                 now,
+                &effects,
             )
             .await
         {

@@ -21,9 +21,10 @@ use crate::clock::Clock;
 use crate::config::PasskeySettings;
 use crate::error::GateError;
 use crate::identity::UserId;
+use crate::notify::Notifier;
 use crate::passkeys::{CredentialPolicy, Passkeys};
 use crate::policy::Rule;
-use crate::store::{PasskeyRecord, PasskeyState, Store};
+use crate::store::{Effects, PasskeyRecord, PasskeyState, Store};
 
 /// How many changes a list answer returns at most.
 const LIST_LIMIT: i64 = 100;
@@ -98,6 +99,7 @@ pub struct StepUpSettings {
 pub struct StepUp {
     store: Store,
     passkeys: Passkeys,
+    notifier: Notifier,
     clock: Arc<dyn Clock>,
     settings: Arc<StepUpSettings>,
 }
@@ -106,14 +108,77 @@ impl StepUp {
     pub fn new(
         store: Store,
         passkeys: Passkeys,
+        notifier: Notifier,
         clock: Arc<dyn Clock>,
         settings: StepUpSettings,
     ) -> Self {
         Self {
             store,
             passkeys,
+            notifier,
             clock,
             settings: Arc::new(settings),
+        }
+    }
+
+    pub fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+
+    /// The audit row and event for a passkey (added, removed, disabled, dropped).
+    fn passkey_effects(
+        &self,
+        kind: &str,
+        passkey: &PasskeyRecord,
+        notify: bool,
+        code: Option<&str>,
+    ) -> Effects {
+        let detail = serde_json::json!({
+            "passkey_id": passkey.id,
+            "name": passkey.name,
+            "backup_eligible": passkey.backup_eligible,
+            "aaguid": passkey.aaguid,
+        });
+        self.notifier.effects(
+            kind,
+            &passkey.user_id,
+            None,
+            detail,
+            notify,
+            code,
+            self.now(),
+        )
+    }
+
+    /// Records a refusal with its reason in the audit log (not a user notification).
+    async fn audit_refusal(&self, kind: &str, user: &UserId, change_id: Uuid, error: &GateError) {
+        let (status, code) = error.status_and_code();
+        if status.is_server_error() {
+            return;
+        }
+        let detail = serde_json::json!({ "change_id": change_id, "reason": code });
+        let effects =
+            self.notifier
+                .effects(kind, user.as_str(), None, detail, false, None, self.now());
+        if let Err(failure) = self.store.append_effects(&effects, self.now()).await {
+            tracing::error!(%failure, "could not record a refusal in the audit log");
+        }
+    }
+
+    /// Records a request to a gate route that carried no valid identity.
+    pub async fn audit_identity_failure(&self, reason: &str) {
+        let detail = serde_json::json!({ "reason": reason });
+        let effects = self.notifier.effects(
+            "identity.refused",
+            "",
+            None,
+            detail,
+            false,
+            None,
+            self.now(),
+        );
+        if let Err(failure) = self.store.append_effects(&effects, self.now()).await {
+            tracing::error!(%failure, "could not record an identity failure in the audit log");
         }
     }
 
@@ -136,8 +201,14 @@ impl StepUp {
         rule: &Rule,
         params: &[(String, String)],
         request: HeldRequest,
+        anti_phishing_code: Option<&str>,
     ) -> Result<Change, GateError> {
         let now = self.now();
+        if let Some(code) = anti_phishing_code {
+            self.store
+                .set_anti_phishing_code(user.as_str(), code, now)
+                .await?;
+        }
         let change = new_change(
             user,
             &rule.name,
@@ -159,7 +230,11 @@ impl StepUp {
         if pending >= i64::from(limit) {
             return Err(GateError::TooManyPendingChanges { limit });
         }
-        self.store.insert_change(&change).await?;
+        let code = self.store.anti_phishing_code(&change.user_id).await?;
+        let effects = self
+            .notifier
+            .change_effects(&change, code.as_deref(), change.created_at);
+        self.store.insert_change(&change, &effects).await?;
         Ok(change)
     }
 
@@ -222,6 +297,24 @@ impl StepUp {
         session_binding: &str,
         credential: &PublicKeyCredential,
     ) -> Result<Change, GateError> {
+        let result = self
+            .finish_confirm_inner(user, id, ceremony_id, session_binding, credential)
+            .await;
+        if let Err(error) = &result {
+            self.audit_refusal("change.confirm_refused", user, id, error)
+                .await;
+        }
+        result
+    }
+
+    async fn finish_confirm_inner(
+        &self,
+        user: &UserId,
+        id: Uuid,
+        ceremony_id: Uuid,
+        session_binding: &str,
+        credential: &PublicKeyCredential,
+    ) -> Result<Change, GateError> {
         let now = self.now();
         let change = self.owned(user, id).await?;
         // A deadline that passed wins over everything else: the change expires now.
@@ -257,6 +350,20 @@ impl StepUp {
     /// outcome with [`StepUp::record_outcome`]. A change left `applying` by a crashed instance
     /// can be taken again once its lease has run out.
     pub async fn release(
+        &self,
+        user: &UserId,
+        id: Uuid,
+        digest: &str,
+    ) -> Result<Change, GateError> {
+        let result = self.release_inner(user, id, digest).await;
+        if let Err(error) = &result {
+            self.audit_refusal("change.release_refused", user, id, error)
+                .await;
+        }
+        result
+    }
+
+    async fn release_inner(
         &self,
         user: &UserId,
         id: Uuid,
@@ -304,9 +411,14 @@ impl StepUp {
     /// sessions. Returns the ids it expired.
     pub async fn sweep(&self) -> Result<Vec<Uuid>, GateError> {
         let now = self.now();
+        let codes = self.store.codes_of_users_with_lapsed_changes(now).await?;
+        let effects_of = |change: &Change| {
+            let code = codes.get(&change.user_id).map(String::as_str);
+            self.notifier.change_effects(change, code, now)
+        };
         let mut expired = Vec::new();
         loop {
-            let batch = self.store.expire_lapsed(now, 100).await?;
+            let batch = self.store.expire_lapsed(now, 100, &effects_of).await?;
             let done = batch.len() < 100;
             expired.extend(batch);
             if done {
@@ -350,6 +462,14 @@ impl StepUp {
         } else {
             PasskeyState::Active
         };
+        let code = self.store.anti_phishing_code(user.as_str()).await?;
+        // A first passkey is added now (users are told); a further one only when it activates.
+        let effects_of = |passkey: &PasskeyRecord| match passkey.state {
+            PasskeyState::Active => {
+                self.passkey_effects("passkey.added", passkey, true, code.as_deref())
+            }
+            _ => self.passkey_effects("passkey.registered", passkey, false, None),
+        };
         let mut passkey = self
             .passkeys
             .finish_registration(
@@ -360,6 +480,7 @@ impl StepUp {
                 name,
                 state,
                 now,
+                &effects_of,
             )
             .await?;
         if !has_active {
@@ -383,7 +504,10 @@ impl StepUp {
             Ok(change) => change,
             Err(error) => {
                 // Without its change the passkey could never activate: do not keep it.
-                self.store.delete_passkey(user.as_str(), passkey.id).await?;
+                let effects = self.passkey_effects("passkey.dropped", &passkey, false, None);
+                self.store
+                    .delete_passkey(user.as_str(), passkey.id, &effects, now)
+                    .await?;
                 return Err(error);
             }
         };
@@ -429,7 +553,10 @@ impl StepUp {
                 let change = self.owned(user, change_id).await?;
                 let _ = self.apply(change, Event::Cancel, now).await;
             }
-            self.store.delete_passkey(user.as_str(), passkey.id).await?;
+            let effects = self.passkey_effects("passkey.dropped", &passkey, false, None);
+            self.store
+                .delete_passkey(user.as_str(), passkey.id, &effects, now)
+                .await?;
             return Ok(Removal::Dropped);
         }
         let summary = format!(
@@ -480,6 +607,7 @@ impl StepUp {
     /// several instances: every step is conditional.
     async fn settle_passkeys(&self, user: &UserId) -> Result<(), GateError> {
         let now = self.now();
+        let code = self.store.anti_phishing_code(user.as_str()).await?;
         for passkey in self.store.passkeys_of(user.as_str()).await? {
             if passkey.state != PasskeyState::Pending {
                 continue;
@@ -490,23 +618,32 @@ impl StepUp {
             };
             let Some(change) = change else {
                 // A pending passkey without its change can never activate.
-                self.store.delete_passkey(user.as_str(), passkey.id).await?;
+                let effects = self.passkey_effects("passkey.dropped", &passkey, false, None);
+                self.store
+                    .delete_passkey(user.as_str(), passkey.id, &effects, now)
+                    .await?;
                 continue;
             };
             let change = self.complete_if_due(change, now).await?;
             match change.state {
                 State::Applied => {
+                    let effects =
+                        self.passkey_effects("passkey.added", &passkey, true, code.as_deref());
                     self.store
                         .set_passkey_state(
                             passkey.id,
                             PasskeyState::Pending,
                             PasskeyState::Active,
                             now,
+                            &effects,
                         )
                         .await?;
                 }
                 State::Cancelled | State::Expired => {
-                    self.store.delete_passkey(user.as_str(), passkey.id).await?;
+                    let effects = self.passkey_effects("passkey.dropped", &passkey, false, None);
+                    self.store
+                        .delete_passkey(user.as_str(), passkey.id, &effects, now)
+                        .await?;
                 }
                 _ => {}
             }
@@ -526,11 +663,14 @@ impl StepUp {
         if !matches!(change.release_at, Some(at) if now >= at) {
             return Ok(change);
         }
+        let code = self.store.anti_phishing_code(&change.user_id).await?;
         if change.rule == REMOVE_PASSKEY {
             // Tightening first: the passkey is gone even if the bookkeeping below fails.
-            if let Some(passkey_id) = built_in_passkey_id(&change) {
+            if let Some(passkey) = self.built_in_passkey(&change).await? {
+                let effects =
+                    self.passkey_effects("passkey.removed", &passkey, true, code.as_deref());
                 self.store
-                    .delete_passkey(&change.user_id, passkey_id)
+                    .delete_passkey(&change.user_id, passkey.id, &effects, now)
                     .await?;
             }
         }
@@ -545,9 +685,17 @@ impl StepUp {
             Err(other) => return Err(other),
         };
         if completed.rule == ADD_PASSKEY && completed.state == State::Applied {
-            if let Some(passkey_id) = built_in_passkey_id(&completed) {
+            if let Some(passkey) = self.built_in_passkey(&completed).await? {
+                let effects =
+                    self.passkey_effects("passkey.added", &passkey, true, code.as_deref());
                 self.store
-                    .set_passkey_state(passkey_id, PasskeyState::Pending, PasskeyState::Active, now)
+                    .set_passkey_state(
+                        passkey.id,
+                        PasskeyState::Pending,
+                        PasskeyState::Active,
+                        now,
+                        &effects,
+                    )
                     .await?;
             }
         }
@@ -555,6 +703,15 @@ impl StepUp {
     }
 
     // -- shared ---------------------------------------------------------------------------
+
+    /// The passkey a built-in change is about, if it still exists.
+    async fn built_in_passkey(&self, change: &Change) -> Result<Option<PasskeyRecord>, GateError> {
+        let Some(passkey_id) = built_in_passkey_id(change) else {
+            return Ok(None);
+        };
+        let passkeys = self.store.passkeys_of(&change.user_id).await?;
+        Ok(passkeys.into_iter().find(|p| p.id == passkey_id))
+    }
 
     async fn owned(&self, user: &UserId, id: Uuid) -> Result<Change, GateError> {
         match self.store.change(id).await? {
@@ -591,10 +748,16 @@ impl StepUp {
     ) -> Result<Change, GateError> {
         // Each retry follows a real move by someone else, and a change moves only a few times
         // in its life, so this loop is short.
+        let code = self.store.anti_phishing_code(&change.user_id).await?;
+        let effects_of = |moved: &Change| self.notifier.change_effects(moved, code.as_deref(), now);
         for _ in 0..5 {
             match transition(&change, event, now) {
                 Ok(t) => {
-                    if self.store.apply_transition(&change, &t).await? {
+                    if self
+                        .store
+                        .apply_transition(&change, &t, &effects_of)
+                        .await?
+                    {
                         return Ok(change.after(&t));
                     }
                 }
@@ -618,7 +781,12 @@ impl StepUp {
     /// Moves a change whose deadline has passed to `expired` (no-op if someone else did).
     async fn expire(&self, change: Change, now: OffsetDateTime) -> Result<(), GateError> {
         if let Ok(t) = transition(&change, Event::Expire, now) {
-            self.store.apply_transition(&change, &t).await?;
+            let code = self.store.anti_phishing_code(&change.user_id).await?;
+            let effects_of =
+                |moved: &Change| self.notifier.change_effects(moved, code.as_deref(), now);
+            self.store
+                .apply_transition(&change, &t, &effects_of)
+                .await?;
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 
 pub mod sessions;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -141,6 +142,56 @@ pub struct CeremonyRecord {
     pub expires_at: OffsetDateTime,
 }
 
+/// An audit row to append (its sequence number and hashes are filled in by the store).
+#[derive(Debug, Clone)]
+pub struct AuditEntry {
+    pub user_id: String,
+    pub kind: String,
+    pub change_id: Option<Uuid>,
+    pub detail: serde_json::Value,
+}
+
+/// A webhook delivery to queue.
+#[derive(Debug, Clone)]
+pub struct OutboxItem {
+    pub event_id: Uuid,
+    pub event: String,
+    pub webhook_url: String,
+    pub payload: String,
+}
+
+/// What a state change leaves behind: audit rows and webhook deliveries, written in the same
+/// transaction as the change itself, so none is lost and none exists without its change.
+#[derive(Debug, Clone, Default)]
+pub struct Effects {
+    pub audit: Vec<AuditEntry>,
+    pub outbox: Vec<OutboxItem>,
+}
+
+impl Effects {
+    pub fn is_empty(&self) -> bool {
+        self.audit.is_empty() && self.outbox.is_empty()
+    }
+
+    pub fn and(mut self, other: Effects) -> Effects {
+        self.audit.extend(other.audit);
+        self.outbox.extend(other.outbox);
+        self
+    }
+}
+
+/// A queued webhook delivery, claimed for sending.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub id: String,
+    pub event: String,
+    pub webhook_url: String,
+    pub payload: String,
+    pub attempts: i64,
+    pub state: String,
+    pub last_error: Option<String>,
+}
+
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: AnyPool,
@@ -274,7 +325,12 @@ impl Store {
 
     /// Fails with [`StoreError::Duplicate`] when the credential id is registered already
     /// (to anyone).
-    pub async fn insert_passkey(&self, passkey: &PasskeyRecord) -> Result<(), StoreError> {
+    pub async fn insert_passkey(
+        &self,
+        passkey: &PasskeyRecord,
+        effects: &Effects,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query(&format!(
             "INSERT INTO passkeys ({PASSKEY_COLUMNS}) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
@@ -290,8 +346,10 @@ impl Store {
         .bind(passkey.state.as_str())
         .bind(passkey.aaguid.map(|id| id.to_string()))
         .bind(passkey.activation_change_id.map(|id| id.to_string()))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        Self::write_effects(&mut tx, effects, passkey.created_at).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -316,8 +374,10 @@ impl Store {
         from: PasskeyState,
         to: PasskeyState,
         now: OffsetDateTime,
+        effects: &Effects,
     ) -> Result<bool, StoreError> {
         let disabled_at = (to == PasskeyState::Disabled).then_some(to_millis(now));
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE passkeys SET state = $1, disabled_at = COALESCE($2, disabled_at) \
              WHERE id = $3 AND state = $4",
@@ -326,9 +386,14 @@ impl Store {
         .bind(disabled_at)
         .bind(passkey_id.to_string())
         .bind(from.as_str())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected() == 1)
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        Self::write_effects(&mut tx, effects, now).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Deletes one of `user_id`'s passkeys; `false` if there was none.
@@ -336,13 +401,41 @@ impl Store {
         &self,
         user_id: &str,
         passkey_id: Uuid,
+        effects: &Effects,
+        now: OffsetDateTime,
     ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query("DELETE FROM passkeys WHERE id = $1 AND user_id = $2")
             .bind(passkey_id.to_string())
             .bind(user_id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        Ok(done.rows_affected() == 1)
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        Self::write_effects(&mut tx, effects, now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// The anti-phishing codes of users who have changes lapsed at `now`, for the sweep's
+    /// expiry events.
+    pub async fn codes_of_users_with_lapsed_changes(
+        &self,
+        now: OffsetDateTime,
+    ) -> Result<HashMap<String, String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT u.user_id, u.anti_phishing_code FROM users u JOIN changes c \
+             ON c.user_id = u.user_id WHERE u.anti_phishing_code IS NOT NULL AND \
+             ((c.state = 'held' AND c.confirm_before < $1) \
+             OR (c.state = 'cooling_off' AND c.release_before < $1))",
+        )
+        .bind(to_millis(now))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("user_id")?, row.try_get("anti_phishing_code")?)))
+            .collect()
     }
 
     /// Renames one of `user_id`'s passkeys; `false` if there was none.
@@ -537,9 +630,15 @@ impl Store {
 
     // -- changes ---------------------------------------------------------------------------
 
-    pub async fn insert_change(&self, change: &Change) -> Result<(), StoreError> {
+    /// Stores a new change and its effects in one transaction.
+    pub async fn insert_change(
+        &self,
+        change: &Change,
+        effects: &Effects,
+    ) -> Result<(), StoreError> {
         let headers = serde_json::to_string(&change.headers)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut tx = self.pool.begin().await?;
         sqlx::query(&format!(
             "INSERT INTO changes ({CHANGE_COLUMNS}, updated_at) VALUES \
              ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
@@ -569,8 +668,10 @@ impl Store {
         .bind(change.outcome_status.map(i64::from))
         .bind(change.quarantined_until.map(to_millis))
         .bind(to_millis(change.created_at))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        Self::write_effects(&mut tx, effects, change.created_at).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -604,8 +705,10 @@ impl Store {
         &self,
         change: &Change,
         t: &Transition,
+        effects_of: &(dyn Fn(&Change) -> Effects + Sync),
     ) -> Result<bool, StoreError> {
         let finished_at = (!t.to.is_pending()).then_some(to_millis(t.at));
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE changes SET state = $1, \
              confirmed_at = COALESCE($2, confirmed_at), \
@@ -632,9 +735,16 @@ impl Store {
         .bind(t.from.as_str())
         .bind(change.lease_until.map_or(-1, to_millis))
         .bind(t.quarantined_until.map(to_millis))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected() == 1)
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        // The effects of the move go in the same transaction as the move itself.
+        let moved = change.clone().after(t);
+        Self::write_effects(&mut tx, &effects_of(&moved), t.at).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Expires pending changes whose deadline passed before `now` (at most `limit`), and
@@ -645,6 +755,7 @@ impl Store {
         &self,
         now: OffsetDateTime,
         limit: i64,
+        effects_of: &(dyn Fn(&Change) -> Effects + Sync),
     ) -> Result<Vec<Uuid>, StoreError> {
         const LAPSED: &str = "((state = 'held' AND confirm_before < $1) \
              OR (state = 'cooling_off' AND release_before < $1))";
@@ -652,18 +763,25 @@ impl Store {
             Backend::Postgres => "FOR UPDATE SKIP LOCKED",
             Backend::Sqlite => "",
         };
+        let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(&format!(
             "UPDATE changes SET state = 'expired', finished_at = $1, updated_at = $1 \
              WHERE id IN (SELECT id FROM changes WHERE {LAPSED} ORDER BY created_at LIMIT $2 {lock}) \
-             AND {LAPSED} RETURNING id"
+             AND {LAPSED} RETURNING {CHANGE_COLUMNS}"
         ))
         .bind(to_millis(now))
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        rows.iter()
-            .map(|row| parse_uuid(&row.try_get::<String, _>("id")?))
-            .collect()
+        let expired = rows
+            .iter()
+            .map(change_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        for change in &expired {
+            Self::write_effects(&mut tx, &effects_of(change), now).await?;
+        }
+        tx.commit().await?;
+        Ok(expired.iter().map(|change| change.id).collect())
     }
 
     /// Removes browser sessions that expired before `now`.
@@ -680,6 +798,258 @@ impl Store {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+}
+
+impl Store {
+    /// Appends `effects` inside an open transaction.
+    async fn write_effects(
+        conn: &mut sqlx::AnyConnection,
+        effects: &Effects,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let at = to_millis(now);
+        for entry in &effects.audit {
+            // Taking the head row serialises appends across instances: the chain stays linear.
+            let head =
+                sqlx::query("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
+                    .fetch_one(&mut *conn)
+                    .await?;
+            let seq: i64 = head.try_get("seq")?;
+            let prev_hash: String = head.try_get("hash")?;
+            let change_id = entry.change_id.map(|id| id.to_string());
+            let detail = entry.detail.to_string();
+            let hash = crate::audit::row_hash(
+                &prev_hash,
+                seq,
+                at,
+                &entry.user_id,
+                &entry.kind,
+                change_id.as_deref(),
+                &detail,
+            );
+            sqlx::query(
+                "INSERT INTO audit_log (seq, occurred_at, user_id, kind, change_id, detail, prev_hash, hash) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(seq)
+            .bind(at)
+            .bind(&entry.user_id)
+            .bind(&entry.kind)
+            .bind(change_id)
+            .bind(detail)
+            .bind(prev_hash)
+            .bind(&hash)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1")
+                .bind(hash)
+                .execute(&mut *conn)
+                .await?;
+        }
+        for item in &effects.outbox {
+            sqlx::query(
+                "INSERT INTO outbox (id, event_id, event, webhook_url, payload, state, attempts, \
+                 next_attempt_at, created_at) VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, $6)",
+            )
+            .bind(Uuid::new_v4().to_string())
+            .bind(item.event_id.to_string())
+            .bind(&item.event)
+            .bind(&item.webhook_url)
+            .bind(&item.payload)
+            .bind(at)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Records effects that accompany no row change of their own (refusals, identity
+    /// failures, passkey events).
+    pub async fn append_effects(
+        &self,
+        effects: &Effects,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        if effects.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        Self::write_effects(&mut tx, effects, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The audit log in order, and the head (last sequence number and hash).
+    pub async fn audit_log(
+        &self,
+    ) -> Result<(Vec<crate::audit::AuditRow>, (i64, String)), StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, occurred_at, user_id, kind, change_id, detail, prev_hash, hash \
+             FROM audit_log ORDER BY seq",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let rows = rows
+            .iter()
+            .map(|row| {
+                Ok(crate::audit::AuditRow {
+                    seq: row.try_get("seq")?,
+                    occurred_at: row.try_get("occurred_at")?,
+                    user_id: row.try_get("user_id")?,
+                    kind: row.try_get("kind")?,
+                    change_id: row.try_get("change_id")?,
+                    detail: row.try_get("detail")?,
+                    prev_hash: row.try_get("prev_hash")?,
+                    hash: row.try_get("hash")?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((rows, (head.try_get("seq")?, head.try_get("hash")?)))
+    }
+
+    /// Claims up to `limit` due deliveries until `lease_until`, so no other instance sends
+    /// them meanwhile.
+    pub async fn claim_outbox(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        limit: i64,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let lock = match self.backend {
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let rows = sqlx::query(&format!(
+            "UPDATE outbox SET lease_until = $2 WHERE id IN (SELECT id FROM outbox \
+             WHERE state = 'pending' AND next_attempt_at <= $1 \
+             AND (lease_until IS NULL OR lease_until < $1) ORDER BY created_at LIMIT $3 {lock}) \
+             AND state = 'pending' \
+             RETURNING id, event, webhook_url, payload, attempts, state, last_error"
+        ))
+        .bind(to_millis(now))
+        .bind(to_millis(lease_until))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(outbox_from_row).collect()
+    }
+
+    pub async fn outbox_delivered(&self, id: &str, now: OffsetDateTime) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE outbox SET state = 'delivered', delivered_at = $2, lease_until = NULL \
+             WHERE id = $1 AND state = 'pending'",
+        )
+        .bind(id)
+        .bind(to_millis(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn outbox_retry(
+        &self,
+        id: &str,
+        attempts: i64,
+        next_attempt_at: OffsetDateTime,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE outbox SET attempts = $2, next_attempt_at = $3, last_error = $4, \
+             lease_until = NULL WHERE id = $1 AND state = 'pending'",
+        )
+        .bind(id)
+        .bind(attempts)
+        .bind(to_millis(next_attempt_at))
+        .bind(error)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn outbox_dead(
+        &self,
+        id: &str,
+        attempts: i64,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE outbox SET state = 'dead', attempts = $2, last_error = $3, lease_until = NULL \
+             WHERE id = $1 AND state = 'pending'",
+        )
+        .bind(id)
+        .bind(attempts)
+        .bind(error)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Deliveries in `state` (`pending`, `delivered` or `dead`), oldest first.
+    pub async fn outbox_in_state(&self, state: &str) -> Result<Vec<OutboxRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, event, webhook_url, payload, attempts, state, last_error FROM outbox \
+             WHERE state = $1 ORDER BY created_at, id",
+        )
+        .bind(state)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(outbox_from_row).collect()
+    }
+
+    /// Puts a dead-lettered delivery back in the queue, due now.
+    pub async fn outbox_requeue(&self, id: &str, now: OffsetDateTime) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = $2, \
+             lease_until = NULL WHERE id = $1 AND state = 'dead'",
+        )
+        .bind(id)
+        .bind(to_millis(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Remembers the anti-phishing code the exchange passed for a user.
+    pub async fn set_anti_phishing_code(
+        &self,
+        user_id: &str,
+        code: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        self.user_handle(user_id, now).await?;
+        sqlx::query("UPDATE users SET anti_phishing_code = $1 WHERE user_id = $2")
+            .bind(code)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn anti_phishing_code(&self, user_id: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT anti_phishing_code FROM users WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(row) => row.try_get("anti_phishing_code")?,
+            None => None,
+        })
+    }
+}
+
+fn outbox_from_row(row: &AnyRow) -> Result<OutboxRow, StoreError> {
+    Ok(OutboxRow {
+        id: row.try_get("id")?,
+        event: row.try_get("event")?,
+        webhook_url: row.try_get("webhook_url")?,
+        payload: row.try_get("payload")?,
+        attempts: row.try_get("attempts")?,
+        state: row.try_get("state")?,
+        last_error: row.try_get("last_error")?,
+    })
 }
 
 fn is_sqlite_memory(url: &str) -> bool {

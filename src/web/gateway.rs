@@ -134,6 +134,16 @@ async fn handle(
     }
 
     let content_encoding = single_header(&parts.headers, header::CONTENT_ENCODING)?;
+    // The exchange may pass the user's anti-phishing code for the gate to put in messages.
+    let anti_phishing_code = state
+        .config
+        .notifications
+        .anti_phishing_header
+        .as_ref()
+        .and_then(|name| parts.headers.get(name))
+        .and_then(|value| value.to_str().ok())
+        .map(|code| crate::policy::sanitize_for_display(code.trim()))
+        .filter(|code| !code.is_empty() && code.chars().count() <= 64);
     let view = BodyView {
         content_type: held.content_type.as_deref(),
         content_encoding: content_encoding.as_deref(),
@@ -147,7 +157,13 @@ async fn handle(
         Decision::Hold(matched) => {
             let change = state
                 .stepup
-                .hold(&user, matched.rule, &matched.params, held)
+                .hold(
+                    &user,
+                    matched.rule,
+                    &matched.params,
+                    held,
+                    anti_phishing_code.as_deref(),
+                )
                 .await?;
             tracing::info!(change = %change.id, user = %user, rule = %change.rule, "held a protected change");
             Ok(step_up_required(state, &change))

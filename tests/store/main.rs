@@ -14,7 +14,8 @@ use stepgate::stepup::state::transition;
 use stepgate::stepup::{Change, Event, State};
 use stepgate::store::sessions::DbSessionStore;
 use stepgate::store::{
-    CeremonyKind, CeremonyRecord, PasskeyRecord, PasskeyState, Store, StoreError,
+    AuditEntry, CeremonyKind, CeremonyRecord, Effects, OutboxItem, PasskeyRecord, PasskeyState,
+    Store, StoreError,
 };
 use testdb::{Backend, TestDb};
 use time::OffsetDateTime;
@@ -50,7 +51,13 @@ on_both_backends!(
     passkey_use_is_recorded,
     a_release_lease_is_taken_by_one_instance_only,
     lapsed_changes_expire_once_across_instances,
+    concurrent_audited_moves_keep_one_linear_chain,
+    outbox_claims_do_not_overlap_and_dead_letters_can_be_requeued,
 );
+
+fn no_effects(_: &Change) -> Effects {
+    Effects::default()
+}
 
 async fn store(backend: Backend) -> Option<(Store, TestDb)> {
     let db = TestDb::new(backend).await?;
@@ -160,11 +167,17 @@ async fn credential_ids_are_unique_across_users(backend: Backend) {
     store.user_handle("bob", now()).await.expect("bob");
     let passkey = make_passkey();
     store
-        .insert_passkey(&passkey_record("alice", passkey.clone(), "cred-1"))
+        .insert_passkey(
+            &passkey_record("alice", passkey.clone(), "cred-1"),
+            &Effects::default(),
+        )
         .await
         .expect("first registration");
     let second = store
-        .insert_passkey(&passkey_record("bob", passkey, "cred-1"))
+        .insert_passkey(
+            &passkey_record("bob", passkey, "cred-1"),
+            &Effects::default(),
+        )
         .await;
     assert!(matches!(second, Err(StoreError::Duplicate)), "{second:?}");
     assert_eq!(store.passkeys_of("alice").await.expect("list").len(), 1);
@@ -226,7 +239,10 @@ async fn changes_round_trip_exactly(backend: Backend) {
         return;
     };
     let change = held_change("alice", now());
-    store.insert_change(&change).await.expect("insert");
+    store
+        .insert_change(&change, &Effects::default())
+        .await
+        .expect("insert");
     let read = store
         .change(change.id)
         .await
@@ -250,13 +266,16 @@ async fn a_transition_is_applied_once_under_contention(backend: Backend) {
     };
     let t0 = now();
     let change = held_change("alice", t0);
-    store.insert_change(&change).await.expect("insert");
+    store
+        .insert_change(&change, &Effects::default())
+        .await
+        .expect("insert");
     let confirm = transition(&change, Event::Confirm { not_before: None }, t0).expect("confirm");
     let attempts = (0..32).map(|_| {
         let store = store.clone();
         let confirm = confirm.clone();
         let change = change.clone();
-        tokio::spawn(async move { store.apply_transition(&change, &confirm).await })
+        tokio::spawn(async move { store.apply_transition(&change, &confirm, &no_effects).await })
     });
     let mut wins = 0;
     for attempt in attempts {
@@ -275,7 +294,7 @@ async fn a_transition_is_applied_once_under_contention(backend: Backend) {
     assert_eq!(read.release_at, Some(t0 + Duration::from_secs(86_400)));
     // A transition from a state the row is no longer in does nothing.
     assert!(!store
-        .apply_transition(&change, &confirm)
+        .apply_transition(&change, &confirm, &no_effects)
         .await
         .expect("stale"));
 }
@@ -287,10 +306,13 @@ async fn a_release_lease_is_taken_by_one_instance_only(backend: Backend) {
     let t0 = now();
     let mut change = held_change("alice", t0);
     change.cooling_off = Duration::ZERO;
-    store.insert_change(&change).await.expect("insert");
+    store
+        .insert_change(&change, &Effects::default())
+        .await
+        .expect("insert");
     let confirm = transition(&change, Event::Confirm { not_before: None }, t0).expect("confirm");
     assert!(store
-        .apply_transition(&change, &confirm)
+        .apply_transition(&change, &confirm, &no_effects)
         .await
         .expect("confirm"));
     let confirmed = store
@@ -307,11 +329,11 @@ async fn a_release_lease_is_taken_by_one_instance_only(backend: Backend) {
     };
     let taken = transition(&confirmed, release(t0), t0).expect("release");
     assert!(store
-        .apply_transition(&confirmed, &taken)
+        .apply_transition(&confirmed, &taken, &no_effects)
         .await
         .expect("first"));
     assert!(!store
-        .apply_transition(&confirmed, &taken)
+        .apply_transition(&confirmed, &taken, &no_effects)
         .await
         .expect("second"));
     let applying = store
@@ -327,11 +349,11 @@ async fn a_release_lease_is_taken_by_one_instance_only(backend: Backend) {
     let later = t0 + lease + Duration::from_secs(1);
     let retry = transition(&applying, release(later), later).expect("retry");
     assert!(store
-        .apply_transition(&applying, &retry)
+        .apply_transition(&applying, &retry, &no_effects)
         .await
         .expect("retry 1"));
     assert!(!store
-        .apply_transition(&applying, &retry)
+        .apply_transition(&applying, &retry, &no_effects)
         .await
         .expect("retry 2"));
     let read = store
@@ -345,12 +367,12 @@ async fn a_release_lease_is_taken_by_one_instance_only(backend: Backend) {
     // The first forward's late outcome, reported with the stale lease, does not land.
     let stale_outcome = transition(&applying, Event::Delivered { status: 200 }, later).expect("o");
     assert!(!store
-        .apply_transition(&applying, &stale_outcome)
+        .apply_transition(&applying, &stale_outcome, &no_effects)
         .await
         .expect("stale"));
     let delivered = transition(&read, Event::Delivered { status: 201 }, later).expect("outcome");
     assert!(store
-        .apply_transition(&read, &delivered)
+        .apply_transition(&read, &delivered, &no_effects)
         .await
         .expect("deliver"));
     let done = store
@@ -373,16 +395,25 @@ async fn lapsed_changes_expire_once_across_instances(backend: Backend) {
     let mut lapsed = Vec::new();
     for i in 0..250u64 {
         let change = held_change("alice", t0 - Duration::from_secs(3600 + i));
-        store.insert_change(&change).await.expect("insert");
+        store
+            .insert_change(&change, &Effects::default())
+            .await
+            .expect("insert");
         lapsed.push(change.id);
     }
     let fresh = held_change("alice", t0);
-    store.insert_change(&fresh).await.expect("insert");
+    store
+        .insert_change(&fresh, &Effects::default())
+        .await
+        .expect("insert");
     let sweep = |store: Store| {
         tokio::spawn(async move {
             let mut mine = Vec::new();
             loop {
-                let batch = store.expire_lapsed(t0, 20).await.expect("sweep");
+                let batch = store
+                    .expire_lapsed(t0, 20, &no_effects)
+                    .await
+                    .expect("sweep");
                 if batch.is_empty() {
                     return mine;
                 }
@@ -423,7 +454,10 @@ async fn changes_are_listed_newest_first_per_user(backend: Backend) {
     let newer = held_change("alice", t0 + Duration::from_secs(5));
     let other = held_change("bob", t0 + Duration::from_secs(10));
     for change in [&older, &newer, &other] {
-        store.insert_change(change).await.expect("insert");
+        store
+            .insert_change(change, &Effects::default())
+            .await
+            .expect("insert");
     }
     let listed: Vec<Uuid> = store
         .changes_of("alice", 100)
@@ -498,7 +532,10 @@ async fn passkey_use_is_recorded(backend: Backend) {
     };
     store.user_handle("alice", now()).await.expect("user");
     let record = passkey_record("alice", make_passkey(), "cred-x");
-    store.insert_passkey(&record).await.expect("insert");
+    store
+        .insert_passkey(&record, &Effects::default())
+        .await
+        .expect("insert");
     let used_at = now() + Duration::from_secs(42);
     store
         .record_passkey_use(record.id, &record.passkey, used_at)
@@ -508,4 +545,147 @@ async fn passkey_use_is_recorded(backend: Backend) {
     assert_eq!(read.len(), 1);
     assert_eq!(read[0].last_used_at, Some(used_at));
     assert_eq!(read[0].credential_id, "cred-x");
+}
+
+fn audited(kind: &'static str) -> impl Fn(&Change) -> Effects + Sync {
+    move |change: &Change| Effects {
+        audit: vec![AuditEntry {
+            user_id: change.user_id.clone(),
+            kind: kind.into(),
+            change_id: Some(change.id),
+            detail: serde_json::json!({ "state": change.state.as_str() }),
+        }],
+        outbox: vec![],
+    }
+}
+
+async fn concurrent_audited_moves_keep_one_linear_chain(backend: Backend) {
+    let Some((store, db)) = store(backend).await else {
+        return;
+    };
+    let other = Store::connect(&db.url).await.expect("second instance");
+    let t0 = now();
+    // 12 changes, each confirmed by two racing instances: 12 moves, 12 audit rows.
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let change = held_change("alice", t0);
+        store
+            .insert_change(&change, &Effects::default())
+            .await
+            .expect("insert");
+        let confirm =
+            transition(&change, Event::Confirm { not_before: None }, t0).expect("confirm");
+        for instance in [store.clone(), other.clone()] {
+            let (change, confirm) = (change.clone(), confirm.clone());
+            tasks.push(tokio::spawn(async move {
+                instance
+                    .apply_transition(&change, &confirm, &audited("change.confirmed"))
+                    .await
+            }));
+        }
+    }
+    let mut moves = 0;
+    for task in tasks {
+        if task.await.expect("join").expect("apply") {
+            moves += 1;
+        }
+    }
+    assert_eq!(moves, 12, "each change moved once");
+    let (rows, (head_seq, head_hash)) = store.audit_log().await.expect("audit log");
+    assert_eq!(
+        rows.len(),
+        12,
+        "a move that lost the race wrote no audit row"
+    );
+    assert_eq!(
+        stepgate::audit::verify_chain(rows.clone(), (head_seq, &head_hash)),
+        Ok(12)
+    );
+    // Editing any row is caught and named.
+    let mut edited = rows;
+    edited[4].detail = "{}".into();
+    let broken = stepgate::audit::verify_chain(edited, (head_seq, &head_hash)).unwrap_err();
+    assert_eq!(broken.seq, 5);
+}
+
+async fn outbox_claims_do_not_overlap_and_dead_letters_can_be_requeued(backend: Backend) {
+    let Some((store, db)) = store(backend).await else {
+        return;
+    };
+    let other = Store::connect(&db.url).await.expect("second instance");
+    let t0 = now();
+    let items: Vec<OutboxItem> = (0..30)
+        .map(|i| OutboxItem {
+            event_id: Uuid::new_v4(),
+            event: "change.held".into(),
+            webhook_url: "http://127.0.0.1:1/hook".into(),
+            payload: format!("{{\"n\":{i}}}"),
+        })
+        .collect();
+    store
+        .append_effects(
+            &Effects {
+                audit: vec![],
+                outbox: items,
+            },
+            t0,
+        )
+        .await
+        .expect("queue");
+    let lease = t0 + Duration::from_secs(60);
+    let (a, b) = tokio::join!(
+        store.claim_outbox(t0, lease, 20),
+        other.claim_outbox(t0, lease, 20)
+    );
+    let (a, b) = (a.expect("claim a"), b.expect("claim b"));
+    assert_eq!(a.len() + b.len(), 30, "every due row was claimed once");
+    let mut ids: Vec<&str> = a.iter().chain(b.iter()).map(|r| r.id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 30, "no row was claimed twice");
+    // Leased rows are not claimed again until the lease runs out.
+    assert!(store
+        .claim_outbox(t0, lease, 50)
+        .await
+        .expect("claim")
+        .is_empty());
+    store
+        .outbox_delivered(&a[0].id, t0)
+        .await
+        .expect("delivered");
+    store.outbox_dead(&a[1].id, 8, "boom").await.expect("dead");
+    store
+        .outbox_retry(&a[2].id, 1, t0 + Duration::from_secs(5), "503")
+        .await
+        .expect("retry");
+    let after_lease = lease + Duration::from_secs(1);
+    let again = store
+        .claim_outbox(after_lease, after_lease + Duration::from_secs(60), 50)
+        .await
+        .expect("claim");
+    assert_eq!(
+        again.len(),
+        28,
+        "delivered and dead rows are not sent again"
+    );
+    let dead = store.outbox_in_state("dead").await.expect("dead letters");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].last_error.as_deref(), Some("boom"));
+    assert!(store
+        .outbox_requeue(&dead[0].id, after_lease)
+        .await
+        .expect("requeue"));
+    assert!(store
+        .outbox_in_state("dead")
+        .await
+        .expect("dead letters")
+        .is_empty());
+    assert_eq!(
+        store
+            .outbox_in_state("delivered")
+            .await
+            .expect("delivered")
+            .len(),
+        1
+    );
 }
