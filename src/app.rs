@@ -21,7 +21,8 @@ use crate::stepup::StepUp;
 use crate::store::sessions::DbSessionStore;
 use crate::store::Store;
 use crate::web::{
-    api, assets, gateway, pages, same_origin_only, security_headers, AppInner, AppState,
+    api, assets, cancel_link, gateway, pages, same_origin_only, security_headers, AppInner,
+    AppState,
 };
 
 /// Whether start-up applies database migrations (`serve --no-migrate` turns it off).
@@ -104,6 +105,10 @@ pub async fn build(
             post(api::register_finish),
         )
         .route("/_stepgate/api/passkeys", get(api::list_passkeys))
+        .route(
+            "/_stepgate/cancel/{id}",
+            get(cancel_link::show).post(cancel_link::cancel),
+        )
         .route(
             "/_stepgate/api/passkeys/{id}/rename",
             post(api::rename_passkey),

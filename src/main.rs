@@ -48,8 +48,27 @@ enum Command {
         #[arg(long, default_value = "2m")]
         cooling_off: String,
     },
+    /// Check or export the tamper-evident audit log.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
     /// Validate a config file (with STEPGATE_* overrides applied) and exit.
     CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditAction {
+    /// Walk the hash chain; report the first altered, removed or reordered row (exit code 2).
+    Verify {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Write the audit log as JSON lines, oldest first, to standard output.
+    Export {
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -101,6 +120,38 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let cooling_off: Duration =
                 stepgate::config::parse_duration(&cooling_off).map_err(anyhow::Error::msg)?;
             stepgate::demo::run(stepgate::demo::DemoOptions { port, cooling_off }).await
+        }
+        Command::Audit { action } => {
+            let config_path = match &action {
+                AuditAction::Verify { config } | AuditAction::Export { config } => config,
+            };
+            let config = Config::load(config_path)?;
+            let store =
+                Store::connect_with_timeout(&config.database_url, config.limits.database_timeout)
+                    .await?;
+            let (rows, (head_seq, head_hash)) = store.audit_log().await?;
+            match action {
+                AuditAction::Verify { .. } => {
+                    match stepgate::audit::verify_chain(rows, (head_seq, &head_hash)) {
+                        Ok(count) => {
+                            println!("audit log intact: {count} rows verified");
+                            Ok(())
+                        }
+                        Err(broken) => {
+                            anyhow::bail!("audit log broken at row {}: {}", broken.seq, broken.why)
+                        }
+                    }
+                }
+                AuditAction::Export { .. } => {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    for row in rows {
+                        serde_json::to_writer(&mut out, &row)?;
+                        out.write_all(b"\n")?;
+                    }
+                    Ok(())
+                }
+            }
         }
         Command::Migrate { config } => {
             let config = Config::load(&config)?;

@@ -79,6 +79,7 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let sweeper = tokio::spawn(sweep_forever(self.state.clone()));
+        let sender = tokio::spawn(deliver_forever(self.state.clone()));
         let limits = &self.state.config.limits;
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
@@ -119,7 +120,27 @@ impl Server {
         drop(self.listener);
         connections.shutdown().await;
         sweeper.abort();
+        sender.abort();
         Ok(())
+    }
+}
+
+/// Delivers queued webhooks, every second; every instance may, each row goes out under a lease.
+async fn deliver_forever(state: AppState) {
+    if state.config.notifications.webhooks.is_empty() {
+        return;
+    }
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let notifier = state.stepup.notifier();
+        if let Err(error) = notifier
+            .deliver_due(state.stepup.store(), state.clock.as_ref())
+            .await
+        {
+            tracing::warn!(%error, "webhook delivery round failed");
+        }
     }
 }
 

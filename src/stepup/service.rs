@@ -391,6 +391,23 @@ impl StepUp {
         self.apply(change, outcome, now).await
     }
 
+    /// The change a one-click cancel link names, if its token is valid and unexpired. An
+    /// invalid token is indistinguishable from an unknown change.
+    pub async fn change_by_cancel_token(&self, id: Uuid, token: &str) -> Result<Change, GateError> {
+        if !self.notifier.check_cancel_token(id, token, self.now()) {
+            return Err(GateError::NotFound);
+        }
+        let change = self.store.change(id).await?.ok_or(GateError::NotFound)?;
+        self.settle(change).await
+    }
+
+    /// Cancels the change a one-click cancel link names: the token is the authorisation.
+    pub async fn cancel_by_token(&self, id: Uuid, token: &str) -> Result<Change, GateError> {
+        let change = self.change_by_cancel_token(id, token).await?;
+        let user = UserId::parse(&change.user_id).map_err(|_| GateError::NotFound)?;
+        self.cancel(&user, id).await
+    }
+
     /// Cancels a pending change; cancelling a cancelled change answers the same again.
     /// Cancelling the addition of a passkey drops that passkey.
     pub async fn cancel(&self, user: &UserId, id: Uuid) -> Result<Change, GateError> {

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod assets;
+pub mod cancel_link;
 pub mod gateway;
 pub mod pages;
 

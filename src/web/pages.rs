@@ -29,6 +29,25 @@ pub struct Viewer {
     html: bool,
 }
 
+impl PageError {
+    /// An error always shown as a page (for routes only browsers visit).
+    pub fn html(error: GateError) -> Self {
+        PageError { error, html: true }
+    }
+}
+
+/// A state in words for people.
+pub fn state_words(state: ChangeState) -> &'static str {
+    match state {
+        ChangeState::Held => "waiting for your confirmation",
+        ChangeState::CoolingOff => "confirmed and cooling off",
+        ChangeState::Applying => "being applied now",
+        ChangeState::Applied => "applied",
+        ChangeState::Cancelled => "cancelled",
+        ChangeState::Expired => "expired",
+    }
+}
+
 impl Viewer {
     pub fn error(&self, error: impl Into<GateError>) -> PageError {
         PageError {
