@@ -105,6 +105,9 @@ pub async fn build(
             post(api::register_finish),
         )
         .route("/_stepgate/api/passkeys", get(api::list_passkeys))
+        .route("/_stepgate/api/account", get(api::account))
+        .route("/_stepgate/api/account/freeze", post(api::freeze))
+        .route("/_stepgate/api/account/unfreeze", post(api::unfreeze))
         .route(
             "/_stepgate/cancel/{id}",
             get(cancel_link::show).post(cancel_link::cancel),

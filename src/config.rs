@@ -38,8 +38,25 @@ pub struct Config {
     pub rules: RuleSet,
     pub passkeys: PasskeySettings,
     pub notifications: NotifySettings,
+    /// The admin API: where it listens and the bearer token it requires.
+    pub admin: Option<AdminSettings>,
     /// The effective credential policy of each rule (its own settings over the global ones).
     pub rule_policies: HashMap<String, CredentialPolicy>,
+}
+
+/// The admin API's listener and token.
+#[derive(Clone)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    pub token: String,
+}
+
+impl std::fmt::Debug for AdminSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminSettings")
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The `[passkeys]` section.
@@ -51,6 +68,8 @@ pub struct PasskeySettings {
     pub quarantine: Duration,
     /// How soon the built-in passkey changes must be confirmed.
     pub confirm_within: Duration,
+    /// How long an unfreeze waits after its confirmation.
+    pub unfreeze_cooling_off: Duration,
     /// The global credential policy: enforced on registration (model checks) and on the
     /// built-in passkey changes and rules without their own settings.
     pub policy: CredentialPolicy,
@@ -132,6 +151,16 @@ struct FileConfig {
     passkeys: FilePasskeys,
     #[serde(default)]
     notifications: FileNotifications,
+    #[serde(default)]
+    freeze: FileFreeze,
+    admin_listen: Option<String>,
+    admin_token: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileFreeze {
+    unfreeze_cooling_off: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -586,6 +615,34 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
             .map_err(|why| err("limits.max_ceremonies_per_minute", why))?,
     };
 
+    let admin = match (&file.admin_listen, &file.admin_token) {
+        (None, None) => None,
+        (Some(listen), Some(token)) => {
+            if token.len() < 32 {
+                return Err(err(
+                    "admin_token",
+                    "must be at least 32 characters long".into(),
+                ));
+            }
+            let listen = listen.parse().map_err(|e| {
+                err(
+                    "admin_listen",
+                    format!("not an address like 127.0.0.1:8081 ({e})"),
+                )
+            })?;
+            Some(AdminSettings {
+                listen,
+                token: token.clone(),
+            })
+        }
+        (Some(_), None) => {
+            return Err(err(
+                "admin_token",
+                "required with admin_listen (set STEPGATE_ADMIN_TOKEN)".into(),
+            ))
+        }
+        (None, Some(_)) => return Err(err("admin_listen", "required with admin_token".into())),
+    };
     let notifications =
         validate_notifications(&file.notifications).map_err(|why| err("notifications", why))?;
     let global_file_policy = file.passkeys.policy();
@@ -598,6 +655,8 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
             .map_err(|why| err("passkeys.quarantine", why))?,
         confirm_within: duration_or(file.passkeys.confirm_within.clone(), "10m")
             .map_err(|why| err("passkeys.confirm_within", why))?,
+        unfreeze_cooling_off: duration_or(file.freeze.unfreeze_cooling_off.clone(), "24h")
+            .map_err(|why| err("freeze.unfreeze_cooling_off", why))?,
         request_attestation: false,
         policy: global_policy.clone(),
     };
@@ -640,6 +699,7 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
         rules,
         passkeys,
         notifications,
+        admin,
         rule_policies,
     })
 }
@@ -689,7 +749,7 @@ fn validate_notifications(file: &FileNotifications) -> Result<NotifySettings, St
 }
 
 /// The names of the gate's built-in changes (adding and removing passkeys).
-pub const BUILT_IN_RULES: [&str; 2] = ["passkey-add", "passkey-remove"];
+pub const BUILT_IN_RULES: [&str; 3] = ["passkey-add", "passkey-remove", "account-unfreeze"];
 
 /// One credential policy: the keys given, each falling back to `base` (the global policy)
 /// when absent. Root certificates are read now, so a bad path fails at start-up.

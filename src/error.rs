@@ -61,6 +61,8 @@ pub enum GateError {
         "too many passkey prompts were started in the last minute; wait a minute and try again"
     )]
     TooManyCeremonies,
+    #[error("this account is frozen: sensitive changes are refused until it is unfrozen")]
+    AccountFrozen,
     #[error("the request body did not arrive in time")]
     BodyTimeout,
     #[error("internal error: {0}")]
@@ -87,6 +89,7 @@ impl GateError {
             }
             TooManyCeremonies => (StatusCode::TOO_MANY_REQUESTS, "too_many_ceremonies"),
             BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
+            AccountFrozen => (StatusCode::FORBIDDEN, "account_frozen"),
             Refused(refusal) => refusal_status(*refusal),
             ChangeMismatch => (StatusCode::FORBIDDEN, "change_mismatch"),
             NoPasskey => (StatusCode::CONFLICT, "no_passkey"),

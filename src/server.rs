@@ -29,6 +29,7 @@ pub struct Server {
     router: Router,
     state: AppState,
     local_addr: SocketAddr,
+    admin: Option<(TcpListener, SocketAddr)>,
 }
 
 impl Server {
@@ -49,12 +50,24 @@ impl Server {
         migrations: Migrations,
     ) -> anyhow::Result<Server> {
         let local_addr = listener.local_addr()?;
+        let admin_listen = config.admin.as_ref().map(|admin| admin.listen);
         let (router, state) = app::build(config, clock, migrations).await?;
+        let admin = match admin_listen {
+            Some(addr) => {
+                let admin_listener = TcpListener::bind(addr).await.map_err(|e| {
+                    anyhow::anyhow!("cannot listen for the admin API on {addr}: {e}")
+                })?;
+                let admin_addr = admin_listener.local_addr()?;
+                Some((admin_listener, admin_addr))
+            }
+            None => None,
+        };
         Ok(Server {
             listener,
             router,
             state,
             local_addr,
+            admin,
         })
     }
 
@@ -64,6 +77,11 @@ impl Server {
 
     pub fn state(&self) -> &AppState {
         &self.state
+    }
+
+    /// Where the admin API listens, when configured.
+    pub fn admin_local_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(_, addr)| *addr)
     }
 
     /// Serves until the process ends.
@@ -80,6 +98,15 @@ impl Server {
     ) -> std::io::Result<()> {
         let sweeper = tokio::spawn(sweep_forever(self.state.clone()));
         let sender = tokio::spawn(deliver_forever(self.state.clone()));
+        // The admin API has its own listener so it can stay off the public network.
+        let admin = self.admin.map(|(listener, _)| {
+            let router = crate::web::admin::router(self.state.clone());
+            tokio::spawn(async move {
+                if let Err(error) = axum::serve(listener, router).await {
+                    tracing::error!(%error, "the admin API stopped");
+                }
+            })
+        });
         let limits = &self.state.config.limits;
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
@@ -121,6 +148,9 @@ impl Server {
         connections.shutdown().await;
         sweeper.abort();
         sender.abort();
+        if let Some(admin) = admin {
+            admin.abort();
+        }
         Ok(())
     }
 }

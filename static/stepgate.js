@@ -177,6 +177,16 @@
     }
   }
 
+  async function freezeAccount() {
+    try {
+      const done = await postJSON("/_stepgate/api/account/freeze");
+      show("Your account is frozen. " + done.cancelled.length + " waiting change(s) were cancelled.", "ok");
+      setTimeout(function () { window.location.reload(); }, 1500);
+    } catch (error) {
+      show(browserError(error), "error");
+    }
+  }
+
   function tickCountdowns() {
     document.querySelectorAll("[data-until]").forEach(function (element) {
       const left = Math.max(0, Math.round((new Date(element.dataset.until) - new Date()) / 1000));
@@ -202,6 +212,8 @@
     document.querySelectorAll("#cancel-button, .cancel-button").forEach(function (button) {
       button.addEventListener("click", cancelChange);
     });
+    const freezeButton = document.getElementById("freeze-button");
+    if (freezeButton) freezeButton.addEventListener("click", freezeAccount);
     localTimes();
     tickCountdowns();
     setInterval(tickCountdowns, 1000);

@@ -33,6 +33,8 @@ const LIST_LIMIT: i64 = 100;
 pub const ADD_PASSKEY: &str = "passkey-add";
 /// The built-in change that removes a passkey.
 pub const REMOVE_PASSKEY: &str = "passkey-remove";
+/// The built-in change that lifts an emergency freeze.
+pub const UNFREEZE: &str = "account-unfreeze";
 
 /// Built-in changes are carried out by the gate itself when they complete; they are never
 /// forwarded and no client release applies to them. Their release window is long so that
@@ -40,7 +42,7 @@ pub const REMOVE_PASSKEY: &str = "passkey-remove";
 const BUILT_IN_RELEASE_WITHIN: Duration = Duration::from_secs(3650 * 24 * 3600);
 
 pub fn is_built_in(rule: &str) -> bool {
-    rule == ADD_PASSKEY || rule == REMOVE_PASSKEY
+    rule == ADD_PASSKEY || rule == REMOVE_PASSKEY || rule == UNFREEZE
 }
 
 /// A protected request as the gate will store and later compare it.
@@ -204,6 +206,7 @@ impl StepUp {
         anti_phishing_code: Option<&str>,
     ) -> Result<Change, GateError> {
         let now = self.now();
+        self.refuse_if_frozen(user).await?;
         if let Some(code) = anti_phishing_code {
             self.store
                 .set_anti_phishing_code(user.as_str(), code, now)
@@ -272,6 +275,10 @@ impl StepUp {
         let now = self.now();
         self.settle_passkeys(user).await?;
         let change = self.confirmable(user, id, now).await?;
+        // While frozen only the unfreeze itself can be confirmed.
+        if change.rule != UNFREEZE {
+            self.refuse_if_frozen(user).await?;
+        }
         let policy = self.policy_for(&change);
         self.passkeys
             .start_assertion(
@@ -370,6 +377,7 @@ impl StepUp {
         digest: &str,
     ) -> Result<Change, GateError> {
         let now = self.now();
+        self.refuse_if_frozen(user).await?;
         let change = self.owned(user, id).await?;
         // The gate's own changes are never forwarded (their digest names no real request).
         if change.digest != digest || is_built_in(&change.rule) {
@@ -452,6 +460,97 @@ impl StepUp {
         Ok(expired)
     }
 
+    // -- freeze ---------------------------------------------------------------------------
+
+    async fn refuse_if_frozen(&self, user: &UserId) -> Result<(), GateError> {
+        if self.store.frozen_at(user.as_str()).await?.is_some() {
+            return Err(GateError::AccountFrozen);
+        }
+        Ok(())
+    }
+
+    /// Whether the user is frozen now (settling a due unfreeze first).
+    pub async fn frozen_at(&self, user: &UserId) -> Result<Option<OffsetDateTime>, GateError> {
+        self.list(user).await?;
+        Ok(self.store.frozen_at(user.as_str()).await?)
+    }
+
+    /// Emergency freeze, by the user (no passkey: stopping must be easy) or the exchange:
+    /// every held or cooling-off change is cancelled at once and new protected requests are
+    /// refused until an unfreeze has been confirmed and cooled off. Returns what it cancelled.
+    pub async fn freeze(&self, user: &UserId) -> Result<Vec<Uuid>, GateError> {
+        let now = self.now();
+        let code = self.store.anti_phishing_code(user.as_str()).await?;
+        let effects = self.notifier.effects(
+            "account.frozen",
+            user.as_str(),
+            None,
+            serde_json::json!({}),
+            true,
+            code.as_deref(),
+            now,
+        );
+        // Freeze first, so nothing new can be held while the pending ones are cancelled.
+        self.store
+            .set_frozen(user.as_str(), true, now, &effects)
+            .await?;
+        let mut cancelled = Vec::new();
+        for change in self.store.changes_of(user.as_str(), i64::MAX).await? {
+            if change.state.is_pending() && change.rule != UNFREEZE {
+                let id = change.id;
+                if self.apply(change, Event::Cancel, now).await.is_ok() {
+                    cancelled.push(id);
+                }
+            }
+        }
+        self.settle_passkeys(user).await?;
+        Ok(cancelled)
+    }
+
+    /// Starts lifting a freeze: loosening, so it is a protected change of its own that the
+    /// user confirms with a passkey and that then cools off. The exchange can start it, but
+    /// only the user can confirm it.
+    pub async fn request_unfreeze(&self, user: &UserId) -> Result<Change, GateError> {
+        let now = self.now();
+        if self.frozen_at(user).await?.is_none() {
+            return Err(GateError::BadRequest("this account is not frozen".into()));
+        }
+        let pending = self
+            .store
+            .changes_of(user.as_str(), i64::MAX)
+            .await?
+            .into_iter()
+            .find(|c| c.rule == UNFREEZE && c.state.is_pending());
+        if let Some(existing) = pending {
+            return Ok(existing);
+        }
+        let summary = "Unfreeze your account so sensitive changes are possible again".to_string();
+        let cooling_off = self.settings.passkeys.unfreeze_cooling_off;
+        let body = serde_json::json!({ "unfreeze": user.as_str() });
+        self.hold_built_in(
+            user,
+            UNFREEZE,
+            summary,
+            "/_stepgate/account/unfreeze".into(),
+            body,
+            cooling_off,
+            now,
+        )
+        .await
+    }
+
+    /// Passkey registration is refused while frozen: a frozen account gains no new keys.
+    pub async fn start_registration(
+        &self,
+        user: &UserId,
+        session_binding: &str,
+    ) -> Result<(Uuid, webauthn_rs::prelude::CreationChallengeResponse), GateError> {
+        self.refuse_if_frozen(user).await?;
+        self.passkeys
+            .start_registration(user, session_binding, self.now())
+            .await
+    }
+
     // -- passkeys -------------------------------------------------------------------------
 
     /// The user's passkeys, with added ones activated or dropped as their changes decided.
@@ -507,15 +606,10 @@ impl StepUp {
             "Add a new passkey \u{201c}{}\u{201d} to your account",
             passkey.name
         );
+        let (path, body) = passkey_subject(&passkey, "add");
+        let cooling_off = self.settings.passkeys.add_cooling_off;
         let change = self
-            .hold_built_in(
-                user,
-                ADD_PASSKEY,
-                summary,
-                &passkey,
-                self.settings.passkeys.add_cooling_off,
-                now,
-            )
+            .hold_built_in(user, ADD_PASSKEY, summary, path, body, cooling_off, now)
             .await;
         let change = match change {
             Ok(change) => change,
@@ -580,8 +674,17 @@ impl StepUp {
             "Remove the passkey \u{201c}{}\u{201d} from your account",
             passkey.name
         );
+        let (path, body) = passkey_subject(&passkey, "remove");
         let change = self
-            .hold_built_in(user, REMOVE_PASSKEY, summary, &passkey, Duration::ZERO, now)
+            .hold_built_in(
+                user,
+                REMOVE_PASSKEY,
+                summary,
+                path,
+                body,
+                Duration::ZERO,
+                now,
+            )
             .await?;
         Ok(Removal::NeedsConfirmation(Box::new(change)))
     }
@@ -592,15 +695,14 @@ impl StepUp {
         user: &UserId,
         rule: &str,
         summary: String,
-        passkey: &PasskeyRecord,
+        path: String,
+        body: serde_json::Value,
         cooling_off: Duration,
         now: OffsetDateTime,
     ) -> Result<Change, GateError> {
-        let verb = if rule == ADD_PASSKEY { "add" } else { "remove" };
-        let body = serde_json::json!({ "passkey_id": passkey.id, "name": passkey.name });
         let request = HeldRequest {
             method: "POST".into(),
-            path: format!("/_stepgate/passkeys/{}/{verb}", passkey.id),
+            path,
             query: None,
             content_type: Some(b"application/json".to_vec()),
             headers: vec![("content-type".into(), "application/json".into())],
@@ -701,6 +803,20 @@ impl StepUp {
                 .ok_or(GateError::NotFound)?,
             Err(other) => return Err(other),
         };
+        if completed.rule == UNFREEZE && completed.state == State::Applied {
+            let effects = self.notifier.effects(
+                "account.unfrozen",
+                &completed.user_id,
+                Some(&completed),
+                serde_json::json!({}),
+                true,
+                code.as_deref(),
+                now,
+            );
+            self.store
+                .set_frozen(&completed.user_id, false, now, &effects)
+                .await?;
+        }
         if completed.rule == ADD_PASSKEY && completed.state == State::Applied {
             if let Some(passkey) = self.built_in_passkey(&completed).await? {
                 let effects =
@@ -819,6 +935,14 @@ impl StepUp {
         }
         self.complete_if_due(change, now).await
     }
+}
+
+/// The synthetic target and body that identify a built-in passkey change (never forwarded).
+fn passkey_subject(passkey: &PasskeyRecord, verb: &str) -> (String, serde_json::Value) {
+    (
+        format!("/_stepgate/passkeys/{}/{verb}", passkey.id),
+        serde_json::json!({ "passkey_id": passkey.id, "name": passkey.name }),
+    )
 }
 
 /// The passkey a built-in change is about (stored in its body when it was created).

@@ -1012,6 +1012,51 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Freezes or unfreezes a user (creating the user row if needed), with its effects in the
+    /// same transaction. Returns whether the state changed.
+    pub async fn set_frozen(
+        &self,
+        user_id: &str,
+        frozen: bool,
+        now: OffsetDateTime,
+        effects: &Effects,
+    ) -> Result<bool, StoreError> {
+        self.user_handle(user_id, now).await?;
+        let mut tx = self.pool.begin().await?;
+        let done = if frozen {
+            sqlx::query("UPDATE users SET frozen_at = $1 WHERE user_id = $2 AND frozen_at IS NULL")
+                .bind(to_millis(now))
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?
+        } else {
+            sqlx::query(
+                "UPDATE users SET frozen_at = NULL WHERE user_id = $1 AND frozen_at IS NOT NULL",
+            )
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?
+        };
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        Self::write_effects(&mut tx, effects, now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// When the user was frozen, if they are.
+    pub async fn frozen_at(&self, user_id: &str) -> Result<Option<OffsetDateTime>, StoreError> {
+        let row = sqlx::query("SELECT frozen_at FROM users WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(row) => row.try_get::<Option<i64>, _>("frozen_at")?.map(from_millis),
+            None => None,
+        })
+    }
+
     /// Remembers the anti-phishing code the exchange passed for a user.
     pub async fn set_anti_phishing_code(
         &self,

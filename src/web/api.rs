@@ -57,11 +57,7 @@ pub async fn register_start(
     session: Session,
 ) -> Result<Response, ApiError> {
     let binding = session_binding(&session).await?;
-    let (ceremony_id, challenge) = state
-        .stepup
-        .passkeys()
-        .start_registration(&user, &binding, state.clock.now())
-        .await?;
+    let (ceremony_id, challenge) = state.stepup.start_registration(&user, &binding).await?;
     ceremony_answer(ceremony_id, challenge)
 }
 
@@ -163,19 +159,54 @@ pub async fn remove_passkey(
     let id = Uuid::parse_str(&id).map_err(|_| ApiError(GateError::NotFound))?;
     Ok(
         match state.stepup.request_passkey_removal(&user, id).await? {
-            Removal::NeedsConfirmation(change) => (
-                StatusCode::ACCEPTED,
-                Json(json!({
-                    "change_id": change.id,
-                    "confirm_url": state.confirm_url(change.id),
-                    "summary": change.summary,
-                    "state": change.state.as_str(),
-                })),
-            )
-                .into_response(),
+            Removal::NeedsConfirmation(change) => started_change(&state, &change),
             Removal::Dropped => Json(json!({ "state": "removed" })).into_response(),
         },
     )
+}
+
+pub async fn account(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+) -> Result<Response, ApiError> {
+    let frozen_at = state.stepup.frozen_at(&user).await?;
+    Ok(
+        Json(json!({ "frozen": frozen_at.is_some(), "frozen_at": frozen_at.map(rfc3339) }))
+            .into_response(),
+    )
+}
+
+/// Emergency freeze: no passkey needed, stopping must be easy.
+pub async fn freeze(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+) -> Result<Response, ApiError> {
+    let cancelled = state.stepup.freeze(&user).await?;
+    tracing::warn!(user = %user, cancelled = cancelled.len(), "account frozen by its user");
+    Ok(Json(json!({ "frozen": true, "cancelled": cancelled })).into_response())
+}
+
+/// Starts an unfreeze: 202 with the change the user must confirm with a passkey.
+pub async fn unfreeze(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+) -> Result<Response, ApiError> {
+    let change = state.stepup.request_unfreeze(&user).await?;
+    Ok(started_change(&state, &change))
+}
+
+/// The 202 answer for a built-in change the user must now confirm.
+pub fn started_change(state: &AppState, change: &Change) -> Response {
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "change_id": change.id,
+            "confirm_url": state.confirm_url(change.id),
+            "summary": change.summary,
+            "state": change.state.as_str(),
+        })),
+    )
+        .into_response()
 }
 
 pub async fn list_changes(

@@ -3,6 +3,7 @@
 //! check on state-changing calls. Handlers in the submodules stay thin: HTTP in, one domain
 //! call, HTTP out.
 
+pub mod admin;
 pub mod api;
 pub mod assets;
 pub mod cancel_link;
