@@ -745,19 +745,8 @@ impl StepUp {
             };
             let change = self.complete_if_due(change, now).await?;
             match change.state {
-                State::Applied => {
-                    let effects =
-                        self.passkey_effects("passkey.added", &passkey, true, code.as_deref());
-                    self.store
-                        .set_passkey_state(
-                            passkey.id,
-                            PasskeyState::Pending,
-                            PasskeyState::Active,
-                            now,
-                            &effects,
-                        )
-                        .await?;
-                }
+                // Normally completing the change activated it; this covers a crash in between.
+                State::Applied => self.activate(&passkey, code.as_deref(), now).await?,
                 State::Cancelled | State::Expired => {
                     let effects = self.passkey_effects("passkey.dropped", &passkey, false, None);
                     self.store
@@ -819,23 +808,33 @@ impl StepUp {
         }
         if completed.rule == ADD_PASSKEY && completed.state == State::Applied {
             if let Some(passkey) = self.built_in_passkey(&completed).await? {
-                let effects =
-                    self.passkey_effects("passkey.added", &passkey, true, code.as_deref());
-                self.store
-                    .set_passkey_state(
-                        passkey.id,
-                        PasskeyState::Pending,
-                        PasskeyState::Active,
-                        now,
-                        &effects,
-                    )
-                    .await?;
+                self.activate(&passkey, code.as_deref(), now).await?;
             }
         }
         Ok(completed)
     }
 
     // -- shared ---------------------------------------------------------------------------
+
+    /// Makes a pending passkey active (a no-op if it is not pending any more).
+    async fn activate(
+        &self,
+        passkey: &PasskeyRecord,
+        code: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<(), GateError> {
+        let effects = self.passkey_effects("passkey.added", passkey, true, code);
+        self.store
+            .set_passkey_state(
+                passkey.id,
+                PasskeyState::Pending,
+                PasskeyState::Active,
+                now,
+                &effects,
+            )
+            .await?;
+        Ok(())
+    }
 
     /// The passkey a built-in change is about, if it still exists.
     async fn built_in_passkey(&self, change: &Change) -> Result<Option<PasskeyRecord>, GateError> {
