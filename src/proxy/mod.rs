@@ -129,6 +129,9 @@ impl Upstream {
         // header the gate adds below: the gate's headers are set after the removal.
         remove_hop_by_hop(headers);
         strip_gate_namespace(headers);
+        // RFC 7239 `Forwarded` from a client could contradict the X-Forwarded-Host/Proto the
+        // gate sets below; only the gate describes how the request arrived.
+        headers.remove(header::FORWARDED);
         headers.insert(header::HOST, self.host.clone());
 
         let client_ip = client_ip.to_string();

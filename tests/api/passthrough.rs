@@ -160,6 +160,7 @@ async fn hop_by_hop_request_headers_stay_behind_and_forwarding_headers_are_set(b
         .header("keep-alive", "timeout=30")
         .header("proxy-authorization", "Basic c2VjcmV0OnNlY3JldA==")
         .header("x-request-id", "req-42")
+        .header("forwarded", "for=6.6.6.6;host=evil.example;proto=https")
         .send()
         .await
         .expect("send a request with hop-by-hop headers");
@@ -187,6 +188,11 @@ async fn hop_by_hop_request_headers_stay_behind_and_forwarding_headers_are_set(b
         "end-to-end headers are forwarded"
     );
     assert_eq!(forwarded.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(
+        forwarded.header("forwarded"),
+        None,
+        "a client's RFC 7239 Forwarded header never reaches the exchange"
+    );
     assert_eq!(forwarded.header("x-forwarded-proto"), Some("http"));
     // Either the Host the client asked for or the configured public authority (which does
     // not trust a client-chosen Host) is a faithful X-Forwarded-Host; anything else is not.
