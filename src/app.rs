@@ -83,7 +83,7 @@ pub async fn build(
         public_origin,
     }));
 
-    let sessions = SessionManagerLayer::new(DbSessionStore::new(store, clock))
+    let sessions = SessionManagerLayer::new(DbSessionStore::new(store))
         .with_name("stepgate_session")
         .with_path("/_stepgate")
         .with_same_site(SameSite::Strict)

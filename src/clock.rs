@@ -62,6 +62,12 @@ impl Clock for ManualClock {
     }
 }
 
+/// The wall clock, for the one thing that must not follow an injected clock: browser session
+/// expiry, which tower-sessions itself stamps from the wall clock.
+pub fn wall_now() -> OffsetDateTime {
+    truncate_to_millis(OffsetDateTime::now_utc())
+}
+
 /// Milliseconds since the Unix epoch: the form times take in the database.
 pub fn to_millis(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64

@@ -20,4 +20,6 @@ pub mod proxy;
 pub mod server;
 pub mod stepup;
 pub mod store;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod web;

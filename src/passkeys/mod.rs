@@ -9,7 +9,7 @@
 pub mod policy;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -179,10 +179,21 @@ impl Passkeys {
             .await?;
         let registration: PasskeyRegistration = serde_json::from_str(&ceremony.state_json)
             .map_err(|e| GateError::Internal(format!("registration state: {e}")))?;
-        let passkey = self
+        let passkey = match self
             .webauthn
             .finish_passkey_registration(credential, &registration)
-            .map_err(|e| GateError::RegistrationFailed(e.to_string()))?;
+        {
+            Ok(passkey) => passkey,
+            // webauthn-rs refuses a credential on the exclude list with a misleading error;
+            // an already registered credential is a duplicate, said plainly.
+            Err(error) => {
+                let credential_id = base64url(credential.raw_id.as_ref());
+                if self.store.credential_exists(&credential_id).await? {
+                    return Err(GateError::DuplicateCredential);
+                }
+                return Err(GateError::RegistrationFailed(error.to_string()));
+            }
+        };
         // Whether the credential may be synced to other devices (BE flag).
         let backup_eligible = Credential::from(passkey.clone()).backup_eligible;
         let record = PasskeyRecord {
@@ -200,7 +211,7 @@ impl Passkeys {
         };
         self.settings
             .registration_policy
-            .admits_model(&record, system_time(now))
+            .admits_model(&record)
             .map_err(|NotAllowed(why)| GateError::PasskeyNotAllowed(why))?;
         match self
             .store
@@ -240,7 +251,7 @@ impl Passkeys {
         let mut credentials = Vec::new();
         for passkey in active {
             let backup_eligible = Credential::from(passkey.passkey.clone()).backup_eligible;
-            match policy.admits(&passkey, backup_eligible, system_time(now)) {
+            match policy.admits(&passkey, backup_eligible) {
                 Ok(()) => credentials.push(passkey.passkey),
                 Err(NotAllowed(why)) => refusal = Some(why),
             }
@@ -320,7 +331,7 @@ impl Passkeys {
             .record_passkey_use(passkey.id, &passkey.passkey, now)
             .await?;
         policy
-            .admits(passkey, result.backup_eligible(), system_time(now))
+            .admits(passkey, result.backup_eligible())
             .map_err(|NotAllowed(why)| GateError::PasskeyNotAllowed(why))?;
         Ok((
             ceremony,
@@ -469,11 +480,6 @@ impl Passkeys {
         }
         Ok(ceremony)
     }
-}
-
-/// Certificate validity is judged at the gate's (injected) time.
-fn system_time(now: OffsetDateTime) -> SystemTime {
-    SystemTime::from(now)
 }
 
 /// A passkey's name as the user typed it: trimmed, 1 to 64 characters, nothing that hides text.

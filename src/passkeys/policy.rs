@@ -4,7 +4,6 @@
 //! required and is not part of this policy: it cannot be configured down.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use uuid::Uuid;
 use webauthn_rs::prelude::{AttestationCaList, Credential};
@@ -43,7 +42,7 @@ impl CredentialPolicy {
     /// The model checks, which also apply when a passkey is registered: AAGUID lists and
     /// attestation. (Device-bound is only checked when confirming: a synced passkey may still
     /// be registered for other uses.)
-    pub fn admits_model(&self, passkey: &PasskeyRecord, now: SystemTime) -> Result<(), NotAllowed> {
+    pub fn admits_model(&self, passkey: &PasskeyRecord) -> Result<(), NotAllowed> {
         let model_refused = || {
             NotAllowed(
                 "this kind of authenticator is not accepted here by the exchange; use another \
@@ -66,10 +65,13 @@ impl CredentialPolicy {
         }
         if let Some(roots) = &self.attestation_roots {
             let credential = Credential::from(passkey.passkey.clone());
+            // Judged as of registration, when the attestation was presented: attestation
+            // certificates may be short-lived (days), and the credential does not change.
+            let presented_at = std::time::SystemTime::from(passkey.created_at);
             let trusted = webauthn_rs_core::attestation::verify_attestation_ca_chain(
                 &credential.attestation.data,
                 roots,
-                now,
+                presented_at,
             );
             if !matches!(trusted, Ok(Some(_))) {
                 return Err(NotAllowed(
@@ -84,12 +86,7 @@ impl CredentialPolicy {
 
     /// Whether `passkey` may confirm under this policy; `backup_eligible` is the credential's
     /// current BE flag (from the assertion when there is one).
-    pub fn admits(
-        &self,
-        passkey: &PasskeyRecord,
-        backup_eligible: bool,
-        now: SystemTime,
-    ) -> Result<(), NotAllowed> {
+    pub fn admits(&self, passkey: &PasskeyRecord, backup_eligible: bool) -> Result<(), NotAllowed> {
         if self.device_bound && backup_eligible {
             return Err(NotAllowed(
                 "this change can only be confirmed with a passkey bound to one device, such as a \
@@ -97,7 +94,7 @@ impl CredentialPolicy {
                     .into(),
             ));
         }
-        self.admits_model(passkey, now)
+        self.admits_model(passkey)
     }
 }
 

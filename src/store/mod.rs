@@ -511,6 +511,15 @@ impl Store {
             .collect()
     }
 
+    /// Whether a credential id is registered to anyone.
+    pub async fn credential_exists(&self, credential_id: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT 1 AS one FROM passkeys WHERE credential_id = $1")
+            .bind(credential_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
     /// Records a successful assertion: the updated credential (counter, backup state) and
     /// when it was used.
     pub async fn record_passkey_use(
@@ -519,10 +528,15 @@ impl Store {
         passkey: &Passkey,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE passkeys SET passkey_json = $1, last_used_at = $2 WHERE id = $3")
+        // The listed flag follows the credential: a passkey can become synced later.
+        let backup_eligible = webauthn_rs::prelude::Credential::from(passkey.clone()).backup_eligible;
+        sqlx::query(
+            "UPDATE passkeys SET passkey_json = $1, last_used_at = $2, backup_eligible = $4 WHERE id = $3",
+        )
             .bind(to_json(passkey)?)
             .bind(to_millis(now))
             .bind(id.to_string())
+            .bind(i64::from(backup_eligible))
             .execute(&self.pool)
             .await?;
         Ok(())

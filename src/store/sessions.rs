@@ -2,7 +2,6 @@
 //! on one instance can be finished on another and sessions survive restarts.
 
 use std::str::FromStr;
-use std::sync::Arc;
 
 use async_trait::async_trait;
 use sqlx::Row;
@@ -10,12 +9,14 @@ use tower_sessions::session::{Id, Record};
 use tower_sessions::session_store::{self, SessionStore};
 
 use super::Store;
-use crate::clock::{from_millis, to_millis, Clock};
+use crate::clock::{from_millis, to_millis, wall_now};
 
+/// Session expiry follows the wall clock, as tower-sessions stamps it; session lifetime is
+/// not a step-up decision, and an injected test clock running ahead must not expire every
+/// fresh session.
 #[derive(Clone)]
 pub struct DbSessionStore {
     store: Store,
-    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for DbSessionStore {
@@ -25,8 +26,8 @@ impl std::fmt::Debug for DbSessionStore {
 }
 
 impl DbSessionStore {
-    pub fn new(store: Store, clock: Arc<dyn Clock>) -> Self {
-        Self { store, clock }
+    pub fn new(store: Store) -> Self {
+        Self { store }
     }
 }
 
@@ -79,7 +80,7 @@ impl SessionStore for DbSessionStore {
             "SELECT data, expiry_date FROM sessions WHERE id = $1 AND expiry_date > $2",
         )
         .bind(id.to_string())
-        .bind(to_millis(self.clock.now()))
+        .bind(to_millis(wall_now()))
         .fetch_optional(self.store.pool())
         .await
         .map_err(backend)?;
