@@ -66,6 +66,14 @@
     result.className = "result " + (kind || "");
   }
 
+  // The gate's messages are lower-case clauses (they are also JSON); show them as sentences.
+  function sentence(text) {
+    const trimmed = String(text || "").trim();
+    if (!trimmed) return trimmed;
+    const capital = trimmed.charAt(0).toUpperCase() + trimmed.slice(1);
+    return /[.!?]$/.test(capital) ? capital : capital + ".";
+  }
+
   async function postJSON(url, body) {
     const response = await fetch(url, {
       method: "POST",
@@ -76,7 +84,7 @@
     let json = {};
     try { json = await response.json(); } catch (e) { json = {}; }
     if (!response.ok) {
-      const error = new Error(json.message || ("The gate answered " + response.status + "."));
+      const error = new Error(json.message ? sentence(json.message) : ("The gate answered " + response.status + "."));
       error.code = json.error;
       throw error;
     }
@@ -86,7 +94,11 @@
   // Browsers reject a ceremony without saying much; turn their errors into sentences.
   function browserError(error) {
     if (error && error.name === "NotAllowedError") {
-      return "The passkey check was cancelled, timed out, or could not verify you. Nothing was changed.";
+      // The browser says the same for every failure so pages cannot probe the device; name
+      // the usual causes, so a person knows what to try.
+      return "Your passkey did not confirm this: the prompt was cancelled or timed out, your device " +
+        "could not check your PIN, fingerprint or face, or this device has no passkey for your " +
+        "account. Nothing was changed.";
     }
     if (error && error.name === "InvalidStateError") {
       return "This passkey is already registered.";

@@ -201,12 +201,16 @@ pub async fn same_origin_only(
     );
     if !safe {
         let headers = request.headers();
-        let foreign_origin = headers
-            .get(header::ORIGIN)
-            .is_some_and(|origin| origin.as_bytes() != state.public_origin.as_bytes());
-        let cross_site = headers
-            .get("sec-fetch-site")
-            .is_some_and(|site| site.as_bytes() == b"cross-site");
+        let fetch_site = headers.get("sec-fetch-site").map(|site| site.as_bytes());
+        // Under `Referrer-Policy: no-referrer` a browser sends `Origin: null` on a page's own
+        // form posts (the one-click cancel page). `Sec-Fetch-Site` is set by the browser
+        // alone (pages cannot forge it), so `same-origin` there vouches for such a post.
+        let vouched_null = fetch_site == Some(b"same-origin".as_slice());
+        let foreign_origin = headers.get(header::ORIGIN).is_some_and(|origin| {
+            origin.as_bytes() != state.public_origin.as_bytes()
+                && !(origin.as_bytes() == b"null" && vouched_null)
+        });
+        let cross_site = fetch_site == Some(b"cross-site".as_slice());
         if foreign_origin || cross_site {
             return ApiError(GateError::CrossOrigin).into_response();
         }

@@ -163,8 +163,40 @@ impl ChangeView {
             quarantined_until: change.quarantined_until.map(rfc3339),
             can_confirm: change.state == ChangeState::Held,
             can_cancel: change.state.is_pending(),
-            cooling_off_words: humantime::format_duration(change.cooling_off).to_string(),
+            cooling_off_words: duration_words(change.cooling_off),
         }
+    }
+}
+
+/// A duration as people say it: "24 hours", "2 minutes", "1 day and 6 hours".
+pub fn duration_words(duration: std::time::Duration) -> String {
+    let total = duration.as_secs();
+    let units = [(86_400, "day"), (3_600, "hour"), (60, "minute"), (1, "second")];
+    let mut parts = Vec::new();
+    let mut rest = total;
+    for (size, name) in units {
+        let n = rest / size;
+        if n > 0 && parts.len() < 2 {
+            parts.push(format!("{n} {name}{}", if n == 1 { "" } else { "s" }));
+        }
+        rest %= size;
+    }
+    match parts.len() {
+        0 => "no time".into(),
+        1 => parts.remove(0),
+        _ => parts.join(" and "),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations_read_as_words() {
+        use std::time::Duration;
+        assert_eq!(super::duration_words(Duration::from_secs(86_400)), "1 day");
+        assert_eq!(super::duration_words(Duration::from_secs(120)), "2 minutes");
+        assert_eq!(super::duration_words(Duration::from_secs(93_600)), "1 day and 2 hours");
+        assert_eq!(super::duration_words(Duration::ZERO), "no time");
     }
 }
 
