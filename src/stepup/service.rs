@@ -456,7 +456,9 @@ impl StepUp {
             }
         }
         self.store.delete_expired_ceremonies(now).await?;
-        self.store.delete_expired_sessions(crate::clock::wall_now()).await?;
+        self.store
+            .delete_expired_sessions(crate::clock::wall_now())
+            .await?;
         Ok(expired)
     }
 

@@ -529,7 +529,8 @@ impl Store {
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
         // The listed flag follows the credential: a passkey can become synced later.
-        let backup_eligible = webauthn_rs::prelude::Credential::from(passkey.clone()).backup_eligible;
+        let backup_eligible =
+            webauthn_rs::prelude::Credential::from(passkey.clone()).backup_eligible;
         sqlx::query(
             "UPDATE passkeys SET passkey_json = $1, last_used_at = $2, backup_eligible = $4 WHERE id = $3",
         )

@@ -111,12 +111,21 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        state
+        match state
             .config
             .identity
             .identify(&parts.headers, state.clock.now())
-            .map(Caller)
-            .map_err(|e| ApiError(GateError::Unauthenticated(e)))
+        {
+            Ok(user) => Ok(Caller(user)),
+            Err(error) => {
+                // Identity failures on gate routes are security-relevant: audited with why.
+                state
+                    .stepup
+                    .audit_identity_failure(&error.to_string())
+                    .await;
+                Err(ApiError(GateError::Unauthenticated(error)))
+            }
+        }
     }
 }
 

@@ -171,7 +171,12 @@ impl ChangeView {
 /// A duration as people say it: "24 hours", "2 minutes", "1 day and 6 hours".
 pub fn duration_words(duration: std::time::Duration) -> String {
     let total = duration.as_secs();
-    let units = [(86_400, "day"), (3_600, "hour"), (60, "minute"), (1, "second")];
+    let units = [
+        (86_400, "day"),
+        (3_600, "hour"),
+        (60, "minute"),
+        (1, "second"),
+    ];
     let mut parts = Vec::new();
     let mut rest = total;
     for (size, name) in units {
@@ -195,7 +200,10 @@ mod tests {
         use std::time::Duration;
         assert_eq!(super::duration_words(Duration::from_secs(86_400)), "1 day");
         assert_eq!(super::duration_words(Duration::from_secs(120)), "2 minutes");
-        assert_eq!(super::duration_words(Duration::from_secs(93_600)), "1 day and 2 hours");
+        assert_eq!(
+            super::duration_words(Duration::from_secs(93_600)),
+            "1 day and 2 hours"
+        );
         assert_eq!(super::duration_words(Duration::ZERO), "no time");
     }
 }
