@@ -257,6 +257,15 @@ impl RuleSet {
         self.rules.iter().find(|r| r.name == name)
     }
 
+    /// Whether any rule's path matches, whatever the method.
+    pub fn names_path(&self, canonical_path: &str) -> bool {
+        self.rules.iter().any(|rule| {
+            rule.path
+                .matches(canonical_path, rule.case_insensitive)
+                .is_some()
+        })
+    }
+
     /// The rules one of whose methods is in `methods` and whose path matches, in order. The
     /// caller passes every method the request could be read as (see [`methods_to_match`]).
     /// Empty (and allocation-free) for the unprotected majority of requests.

@@ -56,7 +56,8 @@ pub fn canonical_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
     }
     let needs_rewrite = bytes.contains(&b'%');
     let canonical: Cow<'_, str> = if needs_rewrite {
-        let mut out = String::with_capacity(raw.len());
+        // Built as bytes: raw UTF-8 passes through unchanged, escapes stay ASCII.
+        let mut out: Vec<u8> = Vec::with_capacity(raw.len());
         let mut i = 0;
         while i < bytes.len() {
             let b = bytes[i];
@@ -70,20 +71,26 @@ pub fn canonical_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
                 if matches!(decoded, b'/' | b'\\' | 0) {
                     return Err(PathError::EncodedSeparator);
                 }
+                // An encoded `;` becomes a path parameter in servers that decode first
+                // (Tomcat's `%3B` reading): refused like a raw one.
+                if decoded == b';' {
+                    return Err(PathError::PathParameter);
+                }
                 if is_unreserved(decoded) {
-                    out.push(char::from(decoded));
+                    out.push(decoded);
                 } else {
-                    out.push('%');
-                    out.push(char::from(b"0123456789ABCDEF"[usize::from(hi)]));
-                    out.push(char::from(b"0123456789ABCDEF"[usize::from(lo)]));
+                    out.push(b'%');
+                    out.push(b"0123456789ABCDEF"[usize::from(hi)]);
+                    out.push(b"0123456789ABCDEF"[usize::from(lo)]);
                 }
                 i += 3;
             } else {
-                out.push(char::from(b));
+                out.push(b);
                 i += 1;
             }
         }
-        Cow::Owned(out)
+        // The input was UTF-8 and every change is ASCII-for-ASCII, so this cannot fail.
+        Cow::Owned(String::from_utf8(out).map_err(|_| PathError::BadPercentEncoding)?)
     } else {
         Cow::Borrowed(raw)
     };
@@ -236,6 +243,22 @@ pub fn decode_for_display(segment: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encoded_semicolons_and_raw_utf8_after_escapes() {
+        assert_eq!(
+            canonical_path("/a%3Bx/b").unwrap_err(),
+            PathError::PathParameter
+        );
+        assert_eq!(
+            canonical_path("/a%3bx/b").unwrap_err(),
+            PathError::PathParameter
+        );
+        assert_eq!(
+            canonical_path("/api/v1/%61ccount/é").unwrap(),
+            "/api/v1/account/é"
+        );
+    }
 
     #[test]
     fn canonical_paths_borrow() {

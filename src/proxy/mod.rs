@@ -44,6 +44,32 @@ const HOP_BY_HOP: [&str; 9] = [
 /// is consumed by the gate and never forwarded.
 pub const STEPGATE_CHANGE: &str = "stepgate-change";
 
+/// Headers that make some frameworks act on another URL than the request line's.
+pub const URL_OVERRIDE_HEADERS: [&str; 4] = [
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-uri",
+    "x-forwarded-uri",
+];
+
+/// Removes headers whose names equal one of `protected` once `_` is read as `-` (CGI, WSGI
+/// and nginx with `underscores_in_headers` fold them together), so `x_verified_user` cannot
+/// stand in for `x-verified-user`. Only names containing `_` are looked at.
+pub fn strip_underscore_twins(headers: &mut HeaderMap, protected: &[&HeaderName]) {
+    let twins: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .filter(|name| {
+            let folded = name.as_str().replace('_', "-");
+            protected.iter().any(|p| p.as_str() == folded)
+        })
+        .cloned()
+        .collect();
+    for name in twins {
+        headers.remove(name);
+    }
+}
+
 /// One request to send upstream.
 pub struct Outgoing {
     pub method: Method,
@@ -132,6 +158,11 @@ impl Upstream {
         // RFC 7239 `Forwarded` from a client could contradict the X-Forwarded-Host/Proto the
         // gate sets below; only the gate describes how the request arrived.
         headers.remove(header::FORWARDED);
+        // Frameworks (IIS, Symfony, Laravel, some Spring setups) route by these instead of
+        // the request line, which would make the exchange act on a path the gate never judged.
+        for name in URL_OVERRIDE_HEADERS {
+            headers.remove(name);
+        }
         headers.insert(header::HOST, self.host.clone());
 
         let client_ip = client_ip.to_string();

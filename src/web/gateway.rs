@@ -21,7 +21,7 @@ use crate::policy::{
     canonical_path, decide, may_override_method, methods_to_match, BodyError, BodyView, Decision,
     PathError,
 };
-use crate::proxy::{Outgoing, ProxyError, STEPGATE_CHANGE};
+use crate::proxy::{strip_underscore_twins, Outgoing, ProxyError, STEPGATE_CHANGE};
 use crate::stepup::{Change, Event, HeldRequest};
 
 /// The router's fallback: everything outside the gate's own routes comes here.
@@ -47,6 +47,18 @@ async fn handle(
     if let Some(header) = &state.config.upstream_identity_header {
         parts.headers.remove(header);
     }
+    // Underscore spellings of the identity headers could be read as them upstream. Header
+    // names with `_` are rare, so the common request skips this entirely.
+    if parts.headers.keys().any(|name| name.as_str().contains('_')) {
+        let mut identity_names: Vec<&header::HeaderName> = Vec::with_capacity(2);
+        if let Some(header) = &state.config.upstream_identity_header {
+            identity_names.push(header);
+        }
+        if let crate::identity::IdentitySettings::Header { header, .. } = &state.config.identity {
+            identity_names.push(header);
+        }
+        strip_underscore_twins(&mut parts.headers, &identity_names);
+    }
 
     // Only origin-form targets: an absolute-form target could name a host other than ours.
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
@@ -65,16 +77,22 @@ async fn handle(
     let release_of = parts.headers.get(STEPGATE_CHANGE).cloned();
     let rules = &state.config.rules;
     // Almost every request has one method to match; only overrides and HEAD/OPTIONS allocate.
-    let candidates = if may_override_method(&parts.method, &parts.headers, query) {
+    let mut candidates = if may_override_method(&parts.method, &parts.headers, query) {
         let methods = methods_to_match(&parts.method, &parts.headers, query);
         let methods: Vec<&Method> = methods.iter().collect();
         rules.candidates(&methods, &path)
     } else {
         rules.candidates(&[&parts.method], &path)
     };
+    // A POST form can name another method in a `_method` field of its body (Rails, Laravel):
+    // on a path some rule names, such a form is read (bounded) before deciding.
+    let form_method_override = candidates.is_empty()
+        && parts.method == Method::POST
+        && is_form(&parts.headers)
+        && rules.names_path(&path);
 
     // The hot path: nothing protected here, stream both ways, no database.
-    if candidates.is_empty() && release_of.is_none() {
+    if candidates.is_empty() && release_of.is_none() && !form_method_override {
         return forward(state, parts, path_and_query, body, peer, None).await;
     }
 
@@ -97,6 +115,13 @@ async fn handle(
     )
     .await
     .map_err(|_| GateError::BodyTimeout)??;
+    if form_method_override {
+        let named = form_methods(&body)?;
+        let mut methods = vec![parts.method.clone()];
+        methods.extend(named);
+        let methods: Vec<&Method> = methods.iter().collect();
+        candidates = rules.candidates(&methods, &path);
+    }
     let held = HeldRequest {
         method: parts.method.to_string(),
         path: path.to_string(),
@@ -238,6 +263,37 @@ fn refuse_connection_tricks(headers: &HeaderMap) -> Result<(), GateError> {
         ));
     }
     Ok(())
+}
+
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| {
+            essence
+                .trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
+}
+
+/// The methods a form body names in `_method` fields. A form that cannot be read strictly on a
+/// protected path is refused: the upstream might read a method from it that the gate cannot.
+fn form_methods(body: &[u8]) -> Result<Vec<Method>, GateError> {
+    let form = crate::policy::form::parse_form_strict(body).map_err(GateError::InvalidBody)?;
+    let values = match form.get("_method") {
+        None => Vec::new(),
+        Some(serde_json::Value::String(one)) => vec![one.clone()],
+        Some(serde_json::Value::Array(many)) => many
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        Some(_) => Vec::new(),
+    };
+    Ok(values
+        .iter()
+        .filter_map(|name| Method::from_bytes(name.trim().to_ascii_uppercase().as_bytes()).ok())
+        .collect())
 }
 
 /// Reads a protected route's body, refusing (413) beyond `limit` without reading further.
