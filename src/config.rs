@@ -172,6 +172,7 @@ struct FileNotifications {
     max_attempts: Option<Count>,
     retry_base: Option<String>,
     anti_phishing_header: Option<String>,
+    anti_phishing_claim: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -645,6 +646,13 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
     };
     let notifications =
         validate_notifications(&file.notifications).map_err(|why| err("notifications", why))?;
+    if notifications.anti_phishing_claim.is_some() && !matches!(identity, IdentitySettings::Jwt(_))
+    {
+        return Err(err(
+            "notifications.anti_phishing_claim",
+            "only applies with [identity] mode = \"jwt\"; use anti_phishing_header".into(),
+        ));
+    }
     let global_file_policy = file.passkeys.policy();
     let global_policy =
         build_policy(&global_file_policy, None).map_err(|why| err("passkeys", why))?;
@@ -745,6 +753,7 @@ fn validate_notifications(file: &FileNotifications) -> Result<NotifySettings, St
         retry_base: duration_or(file.retry_base.clone(), "2s")
             .map_err(|e| format!("retry_base: {e}"))?,
         anti_phishing_header,
+        anti_phishing_claim: file.anti_phishing_claim.clone(),
     })
 }
 
@@ -1109,6 +1118,17 @@ summary = "Enable withdrawals on API key {key_id}"
             error.message
         );
         assert!(error.message.contains("cooling_off"), "{}", error.message);
+    }
+
+    #[test]
+    fn an_anti_phishing_claim_needs_jwt_identity() {
+        let text = format!("{MINIMAL}\n[notifications]\nanti_phishing_claim = \"apc\"\n");
+        let error = Config::from_toml_str(&text, "t", &[]).unwrap_err();
+        assert!(
+            error.message.contains("anti_phishing_claim"),
+            "{}",
+            error.message
+        );
     }
 
     #[test]

@@ -173,6 +173,18 @@ impl IdentitySettings {
     }
 }
 
+impl IdentitySettings {
+    /// A string claim of the caller's verified session token (jwt mode only), for example the
+    /// anti-phishing code the exchange puts in its tokens.
+    pub fn claim(&self, headers: &HeaderMap, now: OffsetDateTime, name: &str) -> Option<String> {
+        let IdentitySettings::Jwt(verifier) = self else {
+            return None;
+        };
+        let claims = verifier.verified_claims(headers, now).ok()?;
+        claims.get(name)?.as_str().map(str::to_string)
+    }
+}
+
 /// Exactly one copy of the header, as visible ASCII: two copies could be read differently
 /// by us and the upstream.
 fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<&'a str, IdentityError> {
@@ -256,6 +268,22 @@ pub fn sign_identity_header(user: &str, secret: &[u8], now: OffsetDateTime) -> S
 
 impl JwtVerifier {
     fn identify(&self, headers: &HeaderMap, now: OffsetDateTime) -> Result<UserId, IdentityError> {
+        let claims = self.verified_claims(headers, now)?;
+        match claims.get(&self.claim) {
+            Some(serde_json::Value::String(user)) => UserId::parse(user),
+            Some(serde_json::Value::Number(user)) => UserId::parse(&user.to_string()),
+            _ => Err(IdentityError::Invalid(
+                "the session token does not name a user",
+            )),
+        }
+    }
+
+    /// The token's claims, once its signature, issuer, audience and times check out.
+    fn verified_claims(
+        &self,
+        headers: &HeaderMap,
+        now: OffsetDateTime,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, IdentityError> {
         let token = self.token_from(headers)?;
         let mut validation = Validation::new(self.algorithm);
         // Time claims are checked below against the injected clock, not the library's.
@@ -293,13 +321,7 @@ impl JwtVerifier {
                 return Err(IdentityError::Invalid("the session token is not valid yet"));
             }
         }
-        match claims.get(&self.claim) {
-            Some(serde_json::Value::String(user)) => UserId::parse(user),
-            Some(serde_json::Value::Number(user)) => UserId::parse(&user.to_string()),
-            _ => Err(IdentityError::Invalid(
-                "the session token does not name a user",
-            )),
-        }
+        Ok(claims)
     }
 
     fn token_from<'a>(&self, headers: &'a HeaderMap) -> Result<&'a str, IdentityError> {
@@ -379,6 +401,55 @@ mod tests {
         assert!(header_mode(true).identify(&headers("alice"), now).is_err());
         let later = now + Duration::from_secs(301);
         assert!(header_mode(true).identify(&headers(&value), later).is_err());
+    }
+
+    #[test]
+    fn claims_come_only_from_a_verified_token() {
+        let secret = b"0123456789abcdef0123456789abcdef-jwt";
+        let settings = IdentitySettings::jwt(JwtSettings {
+            algorithm: JwtAlgorithm::Hs256,
+            key_material: secret.to_vec(),
+            cookie: None,
+            claim: "sub".into(),
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(0),
+        })
+        .unwrap();
+        let now = OffsetDateTime::now_utc();
+        let token = |key: &[u8]| {
+            let claims = serde_json::json!({"sub": "alice", "apc": "BLUE-42", "exp": now.unix_timestamp() + 60});
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(key),
+            )
+            .unwrap()
+        };
+        let mut h = HeaderMap::new();
+        h.insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {}", token(secret))).unwrap(),
+        );
+        assert_eq!(settings.claim(&h, now, "apc").as_deref(), Some("BLUE-42"));
+        assert_eq!(settings.claim(&h, now, "missing"), None);
+        h.insert(
+            "authorization",
+            HeaderValue::from_str(&format!(
+                "Bearer {}",
+                token(b"another-secret-another-secret-xx")
+            ))
+            .unwrap(),
+        );
+        assert_eq!(
+            settings.claim(&h, now, "apc"),
+            None,
+            "a forged token's claims are not read"
+        );
+        assert_eq!(
+            header_mode(false).claim(&headers("alice"), now, "apc"),
+            None
+        );
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct NotifySettings {
     pub retry_base: Duration,
     /// The header in which the exchange passes the user's anti-phishing code.
     pub anti_phishing_header: Option<http::HeaderName>,
+    /// Or the claim of its session JWT that carries the code (jwt identity mode).
+    pub anti_phishing_claim: Option<String>,
 }
 
 impl std::fmt::Debug for NotifySettings {

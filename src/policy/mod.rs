@@ -56,6 +56,11 @@ impl Condition {
         })
     }
 
+    /// The RFC 6901 pointer this condition reads.
+    pub fn pointer(&self) -> &str {
+        &self.pointer
+    }
+
     pub fn holds(&self, body: &Value) -> bool {
         let target = body.pointer(&self.pointer);
         match (&self.test, target) {
@@ -161,6 +166,11 @@ impl Rule {
             release_within: spec.release_within,
             summary: spec.summary,
         })
+    }
+
+    /// What the rule looks at in a body, for showing people what a request asks for.
+    pub fn conditions(&self) -> &[Condition] {
+        &self.conditions
     }
 
     /// True when the decision depends on the body.

@@ -160,13 +160,22 @@ async fn handle(
 
     let content_encoding = single_header(&parts.headers, header::CONTENT_ENCODING)?;
     // The exchange may pass the user's anti-phishing code for the gate to put in messages.
-    let anti_phishing_code = state
-        .config
-        .notifications
+    let notifications = &state.config.notifications;
+    let from_header = notifications
         .anti_phishing_header
         .as_ref()
         .and_then(|name| parts.headers.get(name))
         .and_then(|value| value.to_str().ok())
+        .map(str::to_string);
+    let from_claim = || {
+        let claim = notifications.anti_phishing_claim.as_deref()?;
+        state
+            .config
+            .identity
+            .claim(&parts.headers, state.clock.now(), claim)
+    };
+    let anti_phishing_code = from_header
+        .or_else(from_claim)
         .map(|code| crate::policy::sanitize_for_display(code.trim()))
         .filter(|code| !code.is_empty() && code.chars().count() <= 64);
     let view = BodyView {

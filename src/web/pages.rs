@@ -134,6 +134,9 @@ pub struct ChangeView {
     pub can_confirm: bool,
     pub can_cancel: bool,
     pub cooling_off_words: String,
+    /// What the held request asks for, at the places the rule looks: ("permissions",
+    /// "read, trade, withdraw").
+    pub requested: Vec<(String, String)>,
 }
 
 impl ChangeView {
@@ -164,8 +167,49 @@ impl ChangeView {
             can_confirm: change.state == ChangeState::Held,
             can_cancel: change.state.is_pending(),
             cooling_off_words: duration_words(change.cooling_off),
+            requested: Vec::new(),
         }
     }
+}
+
+/// The values of the held body at the pointers the change's rule checks, in plain text. The
+/// gate cannot know the state before the change; it shows what the request asks for.
+fn requested_values(state: &AppState, change: &Change) -> Vec<(String, String)> {
+    let Some(rule) = state.config.rules.by_name(&change.rule) else {
+        return Vec::new();
+    };
+    let Ok(body) = serde_json::from_slice::<serde_json::Value>(&change.body) else {
+        return Vec::new();
+    };
+    let mut shown = Vec::new();
+    for condition in rule.conditions() {
+        let pointer = condition.pointer();
+        if shown
+            .iter()
+            .any(|(label, _): &(String, String)| label == pointer.trim_start_matches('/'))
+        {
+            continue;
+        }
+        let Some(value) = body.pointer(pointer) else {
+            continue;
+        };
+        let text = match value {
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(|item| {
+                    item.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| item.to_string())
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            serde_json::Value::String(text) => text.clone(),
+            other => other.to_string(),
+        };
+        let label = pointer.trim_start_matches('/').replace('/', " › ");
+        shown.push((label, crate::policy::sanitize_for_display(&text)));
+    }
+    shown
 }
 
 /// A duration as people say it: "24 hours", "2 minutes", "1 day and 6 hours".
@@ -234,9 +278,11 @@ pub async fn change_page(
         .get(&viewer.user, id)
         .await
         .map_err(|e| viewer.error(e))?;
+    let mut view = ChangeView::from_change(&change);
+    view.requested = requested_values(&state, &change);
     Ok(render(&ChangePage {
         user: viewer.user.to_string(),
-        change: ChangeView::from_change(&change),
+        change: view,
     }))
 }
 

@@ -43,6 +43,11 @@ async fn the_confirm_page_shows_the_change_in_plain_words(backend: Backend) {
         html.to_lowercase().contains("support"),
         "the page warns that support will never ask for this: {html}"
     );
+    // What the request asks for, read from the stored body where the rule looks.
+    assert!(
+        html.contains("Asks for permissions") && html.contains("read, trade, withdraw"),
+        "the page shows the requested permissions: {html}"
+    );
 }
 
 async fn registered_passkeys_are_listed_on_the_passkeys_page(backend: Backend) {
