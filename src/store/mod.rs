@@ -377,17 +377,27 @@ impl Store {
         effects: &Effects,
     ) -> Result<bool, StoreError> {
         let disabled_at = (to == PasskeyState::Disabled).then_some(to_millis(now));
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
+        let query = sqlx::query(
             "UPDATE passkeys SET state = $1, disabled_at = COALESCE($2, disabled_at) \
              WHERE id = $3 AND state = $4",
         )
         .bind(to.as_str())
         .bind(disabled_at)
         .bind(passkey_id.to_string())
-        .bind(from.as_str())
-        .execute(&mut *tx)
-        .await?;
+        .bind(from.as_str());
+        self.write_once_with_effects(query, effects, now).await
+    }
+
+    /// Runs one conditional write and, only if it changed exactly one row, the effects, all in
+    /// one transaction. Returns whether the write happened; if not, nothing is written.
+    async fn write_once_with_effects<'q>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+        effects: &Effects,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let done = query.execute(&mut *tx).await?;
         if done.rows_affected() != 1 {
             return Ok(false);
         }
@@ -404,18 +414,10 @@ impl Store {
         effects: &Effects,
         now: OffsetDateTime,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query("DELETE FROM passkeys WHERE id = $1 AND user_id = $2")
+        let query = sqlx::query("DELETE FROM passkeys WHERE id = $1 AND user_id = $2")
             .bind(passkey_id.to_string())
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-        if done.rows_affected() != 1 {
-            return Ok(false);
-        }
-        Self::write_effects(&mut tx, effects, now).await?;
-        tx.commit().await?;
-        Ok(true)
+            .bind(user_id);
+        self.write_once_with_effects(query, effects, now).await
     }
 
     /// The anti-phishing codes of users who have changes lapsed at `now`, for the sweep's
@@ -723,8 +725,10 @@ impl Store {
         effects_of: &(dyn Fn(&Change) -> Effects + Sync),
     ) -> Result<bool, StoreError> {
         let finished_at = (!t.to.is_pending()).then_some(to_millis(t.at));
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
+        // The effects describe the change as the move leaves it; they are written in the
+        // same transaction as the move, and only if the move happened.
+        let effects = effects_of(&change.clone().after(t));
+        let query = sqlx::query(
             "UPDATE changes SET state = $1, \
              confirmed_at = COALESCE($2, confirmed_at), \
              release_at = COALESCE($3, release_at), \
@@ -749,17 +753,8 @@ impl Store {
         .bind(change.id.to_string())
         .bind(t.from.as_str())
         .bind(change.lease_until.map_or(-1, to_millis))
-        .bind(t.quarantined_until.map(to_millis))
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() != 1 {
-            return Ok(false);
-        }
-        // The effects of the move go in the same transaction as the move itself.
-        let moved = change.clone().after(t);
-        Self::write_effects(&mut tx, &effects_of(&moved), t.at).await?;
-        tx.commit().await?;
-        Ok(true)
+        .bind(t.quarantined_until.map(to_millis));
+        self.write_once_with_effects(query, &effects, t.at).await
     }
 
     /// Expires pending changes whose deadline passed before `now` (at most `limit`), and
@@ -1037,27 +1032,17 @@ impl Store {
         effects: &Effects,
     ) -> Result<bool, StoreError> {
         self.user_handle(user_id, now).await?;
-        let mut tx = self.pool.begin().await?;
-        let done = if frozen {
+        let query = if frozen {
             sqlx::query("UPDATE users SET frozen_at = $1 WHERE user_id = $2 AND frozen_at IS NULL")
                 .bind(to_millis(now))
                 .bind(user_id)
-                .execute(&mut *tx)
-                .await?
         } else {
             sqlx::query(
                 "UPDATE users SET frozen_at = NULL WHERE user_id = $1 AND frozen_at IS NOT NULL",
             )
             .bind(user_id)
-            .execute(&mut *tx)
-            .await?
         };
-        if done.rows_affected() != 1 {
-            return Ok(false);
-        }
-        Self::write_effects(&mut tx, effects, now).await?;
-        tx.commit().await?;
-        Ok(true)
+        self.write_once_with_effects(query, effects, now).await
     }
 
     /// When the user was frozen, if they are.
