@@ -315,6 +315,7 @@ pub fn may_override_method(
 ) -> bool {
     *method == Method::HEAD
         || *method == Method::OPTIONS
+        || method.as_str().bytes().any(|b| b.is_ascii_lowercase())
         || METHOD_OVERRIDE_HEADERS.iter().any(|h| headers.contains_key(*h))
         // Conservative: any escape could spell `_method`, so it takes the careful path too.
         || query.is_some_and(|q| {
@@ -332,7 +333,13 @@ pub fn methods_to_match(
     query: Option<&str>,
 ) -> Vec<Method> {
     let mut methods = vec![method.clone()];
-    if *method == Method::HEAD || *method == Method::OPTIONS {
+    // Some frameworks upper-case the method (Django, Werkzeug): `put` is their PUT.
+    if method.as_str().bytes().any(|b| b.is_ascii_lowercase()) {
+        if let Ok(upper) = Method::from_bytes(method.as_str().to_ascii_uppercase().as_bytes()) {
+            methods.push(upper);
+        }
+    }
+    if methods.contains(&Method::HEAD) || methods.contains(&Method::OPTIONS) {
         methods.push(Method::GET);
     }
     let overrides = METHOD_OVERRIDE_HEADERS

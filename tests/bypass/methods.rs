@@ -219,19 +219,23 @@ pub static ROWS: &[Row] = &[
         expect: passed(EXPORT),
     },
     // --- Method-name case. HTTP methods are case-sensitive tokens (RFC 9110 §9.1): `put` is
-    // not `PUT`, hyper accepts it as an extension method and the gate, matching exactly,
-    // forwards it untouched. These rows record that behaviour. It is safe only if the exchange
-    // also treats `put` as unknown (Go's net/http, Node, Spring do); Django and Werkzeug/Flask
-    // upper-case `REQUEST_METHOD` and would run their PUT handler. See the report.
+    // not `PUT` to hyper, but Django and Werkzeug/Flask upper-case `REQUEST_METHOD` and would
+    // run their PUT handler. So the gate also matches a method as its upper-case form: an
+    // extension method that spells a protected one is held like it.
     Row {
-        name: "lower-case put is another method and passes",
+        name: "lower-case put is matched as PUT and held",
         attack: json("put", KEY, WITHDRAW),
-        expect: passed(KEY),
+        expect: Held,
     },
     Row {
-        name: "lower-case get on the export is another method and passes",
+        name: "mixed-case Put is matched as PUT and held",
+        attack: json("Put", KEY, WITHDRAW),
+        expect: Held,
+    },
+    Row {
+        name: "lower-case get on the export is matched as GET and held",
         attack: bare("get", EXPORT),
-        expect: passed(EXPORT),
+        expect: Held,
     },
 ];
 
