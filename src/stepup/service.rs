@@ -53,6 +53,8 @@ pub struct HeldRequest {
     pub path: String,
     pub query: Option<String>,
     pub content_type: Option<Vec<u8>>,
+    /// Headers that change how the upstream reads the request (coding, method overrides).
+    pub reading_headers: Vec<(String, Vec<u8>)>,
     /// End-to-end headers worth keeping (no credentials).
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
@@ -65,6 +67,7 @@ impl HeldRequest {
             path: &self.path,
             query: self.query.as_deref(),
             content_type: self.content_type.as_deref(),
+            reading_headers: &self.reading_headers,
             body: &self.body,
         })
     }
@@ -707,6 +710,7 @@ impl StepUp {
             path,
             query: None,
             content_type: Some(b"application/json".to_vec()),
+            reading_headers: Vec::new(),
             headers: vec![("content-type".into(), "application/json".into())],
             body: Bytes::from(body.to_string()),
         };

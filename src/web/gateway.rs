@@ -127,6 +127,7 @@ async fn handle(
         path: path.to_string(),
         query: query.map(str::to_string),
         content_type: single_header(&parts.headers, header::CONTENT_TYPE)?,
+        reading_headers: crate::stepup::digest::reading_headers(&parts.headers),
         headers: kept_headers(&parts.headers, state),
         body: body.clone(),
     };

@@ -65,6 +65,27 @@ async fn a_release_that_differs_from_the_held_request_is_change_mismatch(backend
             "{what}: expected 403 change_mismatch, got {status} {body}"
         );
     }
+    // Headers that change how the exchange reads the request are part of it too.
+    for (name, value) in [
+        ("x-http-method-override", "DELETE"),
+        ("content-encoding", "identity"),
+    ] {
+        let response = alice
+            .request(change.method.clone(), &change.path_and_query)
+            .header("content-type", &change.content_type)
+            .header("stepgate-change", id.as_str())
+            .header(name, value)
+            .body(change.body.clone())
+            .send()
+            .await
+            .expect("send the release");
+        let status = response.status();
+        let body: Value = response.json().await.expect("JSON");
+        assert!(
+            status == StatusCode::FORBIDDEN && body["error"] == "change_mismatch",
+            "a release adding {name}: expected 403 change_mismatch, got {status} {body}"
+        );
+    }
     app.upstream.assert_saw_nothing("after mismatched releases");
 
     // A mismatch does not use the change up: the identical request still goes through.
