@@ -172,12 +172,6 @@ impl Effects {
     pub fn is_empty(&self) -> bool {
         self.audit.is_empty() && self.outbox.is_empty()
     }
-
-    pub fn and(mut self, other: Effects) -> Effects {
-        self.audit.extend(other.audit);
-        self.outbox.extend(other.outbox);
-        self
-    }
 }
 
 /// A queued webhook delivery, claimed for sending.
@@ -801,12 +795,6 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected())
-    }
-
-    /// Whether the database answers at all (for readiness and outage recovery).
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
     }
 }
 

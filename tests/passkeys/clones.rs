@@ -39,6 +39,26 @@ async fn a_replayed_counter_disables_the_credential() {
     .await;
     assert_eq!(alice.change_state(&second).await, "held", "{refused}");
     assert_eq!(alice.passkey_state(&desk_id).await, "disabled");
+    // The clone is a security event, and it is in the audit log for later notification.
+    let events = gate
+        .store
+        .security_events_of("alice")
+        .await
+        .expect("security events");
+    let desk_uuid = uuid::Uuid::parse_str(&desk_id).expect("passkey id");
+    assert_eq!(
+        events,
+        vec![("passkey.disabled".to_string(), Some(desk_uuid))]
+    );
+    let (audit, _) = gate.store.audit_log().await.expect("audit log");
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|row| row.kind == "passkey.disabled")
+            .count(),
+        1,
+        "one passkey.disabled audit row"
+    );
 
     // Disabled for good: not offered, and refused even with a counter that moves forward again.
     let start = alice.start_confirmation(&second).await;

@@ -126,6 +126,8 @@ pub struct TestGate {
     pub origin: String,
     pub clock: ManualClock,
     pub upstream: TestUpstream,
+    /// The gate's own store, to check what it recorded (security events, audit rows).
+    pub store: stepgate::store::Store,
     _database: TestDb,
 }
 
@@ -202,6 +204,7 @@ summary = "Raise the withdrawal limit of account {{account}}"
     let server = Server::bind(config, Arc::new(clock.clone()), listener)
         .await
         .expect("the gate starts (database connects and migrates)");
+    let store = server.state().stepup.store().clone();
     tokio::spawn(async move {
         server.run().await.expect("the gate stopped with an error");
     });
@@ -211,6 +214,7 @@ summary = "Raise the withdrawal limit of account {{account}}"
         origin: format!("http://localhost:{port}"),
         clock,
         upstream,
+        store,
         _database: database,
     }
 }
