@@ -21,8 +21,8 @@ use crate::stepup::StepUp;
 use crate::store::sessions::DbSessionStore;
 use crate::store::Store;
 use crate::web::{
-    api, assets, cancel_link, gateway, pages, same_origin_only, security_headers, AppInner,
-    AppState,
+    api, assets, cancel_link, gateway, observe, pages, same_origin_only, security_headers,
+    AppInner, AppState,
 };
 
 /// Whether start-up applies database migrations (`serve --no-migrate` turns it off).
@@ -81,6 +81,8 @@ pub async fn build(
         upstream,
         clock: clock.clone(),
         public_origin,
+        metrics: crate::metrics::Metrics::new(),
+        draining: std::sync::atomic::AtomicBool::new(false),
     }));
 
     let sessions = SessionManagerLayer::new(DbSessionStore::new(store))
@@ -139,6 +141,11 @@ pub async fn build(
 
     // Everything that is not a gate route goes through the proxy pipeline. Gate layers do
     // not wrap it: pass-through answers are the upstream's, untouched.
-    let router = gate.fallback(gateway::gateway).with_state(state.clone());
+    let router = gate
+        .fallback(gateway::gateway)
+        // Outermost, on gate routes and the proxy pipeline alike: every request gets an id, a
+        // span and its metrics, refusals by inner layers included.
+        .layer(from_fn_with_state(state.clone(), observe::observe))
+        .with_state(state.clone());
     Ok((router, state))
 }

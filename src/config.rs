@@ -107,6 +107,8 @@ pub struct Limits {
     pub max_pending_per_user: u32,
     /// How many passkey ceremonies one user may start per minute (429 above it).
     pub max_ceremonies_per_minute: u32,
+    /// On SIGTERM, how long in-flight requests may take to finish before the gate exits.
+    pub shutdown_grace: Duration,
 }
 
 /// A configuration problem, said in terms of the file or variable it came from.
@@ -251,6 +253,7 @@ struct FileLimits {
     body_timeout: Option<String>,
     max_pending_per_user: Option<Count>,
     max_ceremonies_per_minute: Option<Count>,
+    shutdown_grace: Option<String>,
 }
 
 /// A count written as an integer or as text (environment values are always text).
@@ -610,6 +613,8 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
         },
         body_timeout: duration_or(file.limits.body_timeout, "30s")
             .map_err(|why| err("limits.body_timeout", why))?,
+        shutdown_grace: duration_or(file.limits.shutdown_grace, "30s")
+            .map_err(|why| err("limits.shutdown_grace", why))?,
         max_pending_per_user: count_or(file.limits.max_pending_per_user, 10)
             .map_err(|why| err("limits.max_pending_per_user", why))?,
         max_ceremonies_per_minute: count_or(file.limits.max_ceremonies_per_minute, 20)

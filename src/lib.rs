@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod identity;
+pub mod metrics;
 pub mod notify;
 pub mod passkeys;
 pub mod policy;

@@ -90,7 +90,9 @@ impl Server {
     }
 
     /// Serves until `shutdown` completes, then stops accepting and lets in-flight requests
-    /// finish. Meanwhile the instance sweeps lapsed changes every `sweep_interval`; every
+    /// finish for up to `limits.shutdown_grace` (idle keep-alive connections are closed at
+    /// once). Nothing about changes lives in memory, so a held or cooling-off change is
+    /// picked up by the next process as it was. Meanwhile the instance sweeps lapsed changes every `sweep_interval`; every
     /// instance may do so, and each change is expired exactly once.
     pub async fn run_until(
         self,
@@ -99,8 +101,10 @@ impl Server {
         let sweeper = tokio::spawn(sweep_forever(self.state.clone()));
         let sender = tokio::spawn(deliver_forever(self.state.clone()));
         // The admin API has its own listener so it can stay off the public network.
+        // The operator endpoints (health, readiness, metrics) share it, without the token.
         let admin = self.admin.map(|(listener, _)| {
-            let router = crate::web::admin::router(self.state.clone());
+            let router = crate::web::admin::router(self.state.clone())
+                .merge(crate::web::ops::router(self.state.clone()));
             tokio::spawn(async move {
                 if let Err(error) = axum::serve(listener, router).await {
                     tracing::error!(%error, "the admin API stopped");
@@ -145,7 +149,25 @@ impl Server {
             });
         }
         drop(self.listener);
-        connections.shutdown().await;
+        self.state
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let grace = self.state.config.limits.shutdown_grace;
+        tracing::info!(
+            grace_seconds = grace.as_secs_f64(),
+            "shutting down: no new connections; finishing requests in flight"
+        );
+        if tokio::time::timeout(grace, connections.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace_seconds = grace.as_secs_f64(),
+                "the shutdown grace period ended with requests still in flight; they are cut off"
+            );
+        } else {
+            tracing::info!("every request in flight finished");
+        }
         sweeper.abort();
         sender.abort();
         if let Some(admin) = admin {
@@ -169,6 +191,7 @@ async fn deliver_forever(state: AppState) {
             .deliver_due(state.stepup.store(), state.clock.as_ref())
             .await
         {
+            state.metrics.record_database_error();
             tracing::warn!(%error, "webhook delivery round failed");
         }
     }
@@ -188,7 +211,12 @@ async fn sweep_forever(state: AppState) {
             }
             Ok(_) => {}
             // A database outage is reported by the requests that need it; keep sweeping.
-            Err(error) => tracing::warn!(%error, "sweep failed"),
+            Err(error) => {
+                if matches!(error, crate::error::GateError::Store(_)) {
+                    state.metrics.record_database_error();
+                }
+                tracing::warn!(%error, "sweep failed");
+            }
         }
     }
 }

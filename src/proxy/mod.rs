@@ -91,6 +91,9 @@ pub struct Upstream {
     forwarded_proto: HeaderValue,
     forwarded_host: HeaderValue,
     timeout: Duration,
+    /// `host:port` of the upstream (default port filled in), for readiness probes.
+    probe_address: String,
+    connect_timeout: Duration,
 }
 
 impl Upstream {
@@ -114,7 +117,28 @@ impl Upstream {
                 .map_err(|e| e.to_string())?,
             forwarded_host: HeaderValue::from_str(&public_authority).map_err(|e| e.to_string())?,
             timeout: config.limits.upstream_timeout,
+            probe_address: format!(
+                "{}:{}",
+                upstream.host_str().ok_or("URL has no host")?,
+                upstream.port_or_known_default().unwrap_or(80)
+            ),
+            connect_timeout: config.limits.connect_timeout,
         })
+    }
+
+    /// Whether a TCP connection to the upstream can be opened within the connect timeout.
+    /// Readiness asks this; it sends no request, so the upstream sees nothing.
+    pub async fn probe(&self) -> Result<(), ProxyError> {
+        match tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::TcpStream::connect(&self.probe_address),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(ProxyError::Unreachable(error.to_string())),
+            Err(_) => Err(ProxyError::Timeout),
+        }
     }
 
     /// Sends one request and returns the upstream's answer with its body still streaming.

@@ -3,6 +3,7 @@
 //! PostgreSQL both accept) runs on sqlx's `Any` driver; the backend is chosen by the URL
 //! scheme. Every state change is a conditional update whose affected-row count is checked.
 
+pub mod health;
 pub mod sessions;
 
 use std::collections::HashMap;

@@ -17,6 +17,7 @@ use uuid::Uuid;
 use super::{ApiError, AppState};
 use crate::clock::rfc3339;
 use crate::error::GateError;
+use crate::metrics::Outcome;
 use crate::policy::{
     canonical_path, decide, may_override_method, methods_to_match, BodyError, BodyView, Decision,
     PathError,
@@ -31,8 +32,26 @@ pub async fn gateway(
     request: Request,
 ) -> Response {
     match handle(&state, peer, request).await {
-        Ok(response) => response,
-        Err(error) => ApiError(error).into_response_at(state.clock.now()),
+        Ok((outcome, mut response)) => {
+            // For the metrics and the access log (see `web::observe`).
+            response.extensions_mut().insert(outcome);
+            response
+        }
+        Err(error) => {
+            // The rest of a refused body is never read, so the connection cannot carry
+            // another request: say so, or a client may reuse it and see it reset.
+            let body_left_unread = matches!(
+                error,
+                GateError::BodyTooLarge { .. } | GateError::BodyTimeout
+            );
+            let mut response = ApiError(error).into_response_at(state.clock.now());
+            if body_left_unread {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        }
     }
 }
 
@@ -40,7 +59,7 @@ async fn handle(
     state: &AppState,
     peer: SocketAddr,
     request: Request,
-) -> Result<Response, GateError> {
+) -> Result<(Outcome, Response), GateError> {
     let (mut parts, body) = request.into_parts();
     // Before anything else: a client may not send the header the gate uses to tell the
     // upstream who was verified.
@@ -93,7 +112,7 @@ async fn handle(
 
     // The hot path: nothing protected here, stream both ways, no database.
     if candidates.is_empty() && release_of.is_none() && !form_method_override {
-        return forward(state, parts, path_and_query, body, peer, None).await;
+        return passed(forward(state, parts, path_and_query, body, peer, None).await);
     }
 
     refuse_connection_tricks(&parts.headers)?;
@@ -156,7 +175,7 @@ async fn handle(
         .await;
         let outcome = release_outcome(&forwarded);
         record_release_outcome(state, change, outcome).await;
-        return forwarded;
+        return forwarded.map(|response| (Outcome::Released, response));
     }
 
     let content_encoding = single_header(&parts.headers, header::CONTENT_ENCODING)?;
@@ -201,14 +220,18 @@ async fn handle(
                 )
                 .await?;
             tracing::info!(change = %change.id, user = %user, rule = %change.rule, "held a protected change");
-            Ok(step_up_required(state, &change))
+            Ok((Outcome::Held, step_up_required(state, &change)))
         }
         // A protected route whose body the rules do not protect (for example removing a
         // permission): forward the bytes we read, unchanged.
         Decision::PassThrough => {
-            forward(state, parts, path_and_query, Body::from(body), peer, None).await
+            passed(forward(state, parts, path_and_query, Body::from(body), peer, None).await)
         }
     }
+}
+
+fn passed(forwarded: Result<Response, GateError>) -> Result<(Outcome, Response), GateError> {
+    forwarded.map(|response| (Outcome::Passed, response))
 }
 
 async fn forward(

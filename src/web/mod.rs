@@ -8,7 +8,10 @@ pub mod api;
 pub mod assets;
 pub mod cancel_link;
 pub mod gateway;
+pub mod observe;
+pub mod ops;
 pub mod pages;
+pub mod request_id;
 
 use std::sync::Arc;
 
@@ -39,6 +42,9 @@ pub struct AppInner {
     pub clock: Arc<dyn Clock>,
     /// `public_url` as an origin string (`http://localhost:8080`), for Origin checks.
     pub public_origin: String,
+    pub metrics: crate::metrics::Metrics,
+    /// Set when shutdown begins, so `/readyz` tells the load balancer to stop sending.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl std::ops::Deref for AppState {
@@ -72,10 +78,14 @@ impl IntoResponse for ApiError {
         for (key, value) in error.details() {
             body[key] = value;
         }
+        if let Some(id) = request_id::current() {
+            body["request_id"] = id.as_str().into();
+        }
         let mut response = (status, Json(body)).into_response();
         response
             .headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response.extensions_mut().insert(error_marker(&error));
         response
     }
 }
@@ -93,6 +103,14 @@ impl ApiError {
             }
         }
         response
+    }
+}
+
+/// What the metrics layer needs to know about an error answer.
+pub fn error_marker(error: &GateError) -> observe::ErrorMarker {
+    observe::ErrorMarker {
+        code: error.status_and_code().1,
+        database: matches!(error, GateError::Store(_)),
     }
 }
 

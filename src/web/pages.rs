@@ -82,6 +82,8 @@ impl FromRequestParts<AppState> for Viewer {
 struct ErrorPage {
     title: &'static str,
     message: String,
+    /// Shown so a user can quote it to the exchange's support, who can find the logs by it.
+    request_id: Option<String>,
 }
 
 impl IntoResponse for PageError {
@@ -99,8 +101,13 @@ impl IntoResponse for PageError {
         let page = ErrorPage {
             title,
             message: self.error.public_message(),
+            request_id: super::request_id::current().map(|id| id.to_string()),
         };
-        (status, render(&page)).into_response()
+        let mut response = (status, render(&page)).into_response();
+        response
+            .extensions_mut()
+            .insert(super::error_marker(&self.error));
+        response
     }
 }
 

@@ -5,7 +5,7 @@
 //! Gate processes log to a file in their own temporary directory; a failing test prints those
 //! logs, so a failure in a child process is not silent.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -33,6 +33,10 @@ pub const COOLING_OFF_PASSED: i64 = 25 * 3600;
 /// hung upstream is still waiting when the crash test kills it.
 const CONNECT_TIMEOUT_SECS: i64 = 2;
 const UPSTREAM_TIMEOUT_SECS: i64 = 30;
+/// How long a gate lets requests in flight finish after SIGTERM.
+pub const SHUTDOWN_GRACE_SECS: u64 = 20;
+/// The admin API's bearer token in every test gate.
+pub const ADMIN_TOKEN: &str = "cluster-admin-token-0123456789abcdef";
 /// A release's lease as the gate computes it: connect + upstream timeout + 10 s.
 pub const RELEASE_LEASE_SECS: i64 = CONNECT_TIMEOUT_SECS + UPSTREAM_TIMEOUT_SECS + 10;
 
@@ -62,6 +66,10 @@ struct UpstreamState {
     received: Mutex<Vec<Received>>,
     /// Paths whose next request is recorded and then never answered.
     hang_next: Mutex<HashSet<String>>,
+    /// Paths whose next request is recorded and then has its connection closed unanswered.
+    break_next: Mutex<HashSet<String>>,
+    /// Paths whose requests are answered only after this long (a slow upstream).
+    slow: Mutex<HashMap<String, Duration>>,
 }
 
 /// The exchange API on 127.0.0.1:0: records every request, answers 200 JSON, and can be told
@@ -118,6 +126,25 @@ impl Upstream {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(path.to_string());
+    }
+
+    /// The next request on `path` is recorded and then its connection is closed without an
+    /// answer (the gate sees a broken upstream).
+    pub fn break_next(&self, path: &str) {
+        self.state
+            .break_next
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(path.to_string());
+    }
+
+    /// Requests on `path` are recorded at once and answered after `delay`.
+    pub fn slow_down(&self, path: &str, delay: Duration) {
+        self.state
+            .slow
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(path.to_string(), delay);
     }
 
     /// Waits until at least `count` requests on `path` have been recorded.
@@ -185,6 +212,25 @@ async fn record_and_answer(State(state): State<Arc<UpstreamState>>, request: Req
         // Never answer: the gate is killed while it waits, so its outcome stays unknown.
         std::future::pending::<()>().await;
     }
+    let broken = state
+        .break_next
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&path_and_query);
+    if broken {
+        // Unwinding out of the handler makes hyper drop the connection with no answer;
+        // `resume_unwind` skips the panic hook, so nothing is printed.
+        std::panic::resume_unwind(Box::new("the stand-in upstream breaks this connection"));
+    }
+    let delay = state
+        .slow
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&path_and_query)
+        .copied();
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
     axum::Json(json!({"upstream": "ok", "path": path_and_query})).into_response()
 }
 
@@ -240,13 +286,15 @@ pub struct GateSettings {
 }
 
 impl GateSettings {
-    fn config_toml(&self, port: u16) -> String {
+    fn config_toml(&self, port: u16, admin_port: u16) -> String {
         format!(
             r#"
 listen = "127.0.0.1:{port}"
 public_url = "{public_url}"
 upstream = "{upstream}"
 database_url = "{database_url}"
+admin_listen = "127.0.0.1:{admin_port}"
+admin_token = "{ADMIN_TOKEN}"
 
 [webauthn]
 rp_id = "localhost"
@@ -262,6 +310,7 @@ upstream_timeout = "{UPSTREAM_TIMEOUT_SECS}s"
 database_timeout = "{database_timeout}"
 # Every instance sweeps often, so the sweeps run alongside everything the tests do.
 sweep_interval = "1s"
+shutdown_grace = "{SHUTDOWN_GRACE_SECS}s"
 
 [[rules]]
 name = "enable-withdrawals"
@@ -279,10 +328,11 @@ summary = "Enable withdrawals on API key {{key_id}}"
         )
     }
 
-    /// Writes the config for a gate listening on `port` into `dir`.
-    fn write_config(&self, dir: &Path, port: u16) -> PathBuf {
+    /// Writes the config for a gate listening on `port` (admin API on `admin_port`) into
+    /// `dir`.
+    fn write_config(&self, dir: &Path, port: u16, admin_port: u16) -> PathBuf {
         let path = dir.join("stepgate.toml");
-        std::fs::write(&path, self.config_toml(port)).expect("write the gate config");
+        std::fs::write(&path, self.config_toml(port, admin_port)).expect("write the gate config");
         path
     }
 
@@ -306,7 +356,7 @@ summary = "Enable withdrawals on API key {{key_id}}"
     pub async fn migrate(&self) -> std::process::Output {
         let dir = tempfile::tempdir().expect("a directory for the migrate config");
         // `listen` is not used by `migrate`; any port will do.
-        let config = self.write_config(dir.path(), 9);
+        let config = self.write_config(dir.path(), 9, 10);
         let mut command = self.command();
         command.arg("migrate").arg("--config").arg(&config);
         tokio::task::spawn_blocking(move || {
@@ -326,12 +376,33 @@ pub enum StartUp {
     NoMigrate,
 }
 
+/// How a gate process is launched beyond its config.
+#[derive(Debug, Clone, Copy)]
+pub struct Launch {
+    pub start_up: StartUp,
+    /// `STEPGATE_LOG`.
+    pub log_level: &'static str,
+    pub json_logs: bool,
+}
+
+impl Launch {
+    pub fn quiet(start_up: StartUp) -> Launch {
+        Launch {
+            start_up,
+            log_level: "warn",
+            json_logs: false,
+        }
+    }
+}
+
 /// One `stepgate serve` process. Killed (SIGKILL) when dropped.
 pub struct Gate {
     pub name: &'static str,
     pub port: u16,
     /// Where tests send requests: `http://127.0.0.1:PORT`.
     pub url: String,
+    /// The admin listener (admin API, health, metrics): `http://127.0.0.1:PORT`.
+    pub admin_url: String,
     child: Child,
     dir: tempfile::TempDir,
 }
@@ -344,25 +415,41 @@ impl Gate {
         port: u16,
         start_up: StartUp,
     ) -> Gate {
+        Gate::launch(name, settings, port, Launch::quiet(start_up)).await
+    }
+
+    /// Starts a gate as `launch` says and waits until it answers HTTP.
+    pub async fn launch(
+        name: &'static str,
+        settings: &GateSettings,
+        port: u16,
+        launch: Launch,
+    ) -> Gate {
         let dir = tempfile::tempdir().expect("a directory for the gate");
-        let config = settings.write_config(dir.path(), port);
+        let admin_port = free_ports(1)[0];
+        let config = settings.write_config(dir.path(), port, admin_port);
         let log = std::fs::File::create(dir.path().join("stderr.log")).expect("create the log");
         let stdout = log.try_clone().expect("share the log file");
         let mut command = settings.command();
         command
+            .env("STEPGATE_LOG", launch.log_level)
             .arg("serve")
             .arg("--config")
             .arg(&config)
             .stdout(stdout)
             .stderr(log);
-        if start_up == StartUp::NoMigrate {
+        if launch.start_up == StartUp::NoMigrate {
             command.arg("--no-migrate");
+        }
+        if launch.json_logs {
+            command.args(["--log-format", "json"]);
         }
         let child = command.spawn().expect("start stepgate serve");
         let mut gate = Gate {
             name,
             port,
             url: format!("http://127.0.0.1:{port}"),
+            admin_url: format!("http://127.0.0.1:{admin_port}"),
             child,
             dir,
         };
@@ -405,6 +492,38 @@ impl Gate {
     pub fn sigkill(&mut self) -> ExitStatus {
         self.child.kill().expect("send SIGKILL to the gate");
         self.child.wait().expect("reap the killed gate")
+    }
+
+    /// Sends SIGTERM and waits (at most [`PATIENCE`]) for the process to exit.
+    pub async fn sigterm(&mut self) -> ExitStatus {
+        self.send_sigterm();
+        self.wait_for_exit().await
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn send_sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill -TERM");
+        assert!(status.success(), "kill -TERM failed: {status}");
+    }
+
+    /// Waits (at most [`PATIENCE`]) for the process to exit by itself.
+    pub async fn wait_for_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll the gate process") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gate {} did not exit within {PATIENCE:?}; its log:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Everything the process wrote to stdout and stderr so far.
@@ -514,6 +633,11 @@ impl Cluster {
     /// A user whose passkey signs for the cluster's public origin.
     pub fn user(&self, name: &str) -> GateUser {
         GateUser::new(name, &self.settings.public_url)
+    }
+
+    /// Instance A.
+    pub fn gate_a(&self) -> &Gate {
+        &self.gates[0]
     }
 
     /// Replaces instance `index` (already killed) by a new process on the same port.

@@ -19,6 +19,7 @@ mod harness;
 mod crashes;
 mod instances;
 mod migrate;
+mod ops;
 mod outage;
 
 use gate_client::ApiRequest;

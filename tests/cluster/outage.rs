@@ -12,12 +12,10 @@ use crate::gate_client::{enable_withdrawals, expect_error, expect_json, restrict
 use crate::harness::{Cluster, COOLING_OFF_PASSED, PATIENCE};
 use crate::testdb::{Backend, TestDb};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_the_database_cut_off_protected_routes_fail_closed_and_others_pass() {
-    let Some(database) = TestDb::new(Backend::Postgres).await else {
-        return;
-    };
-    // The gate reaches PostgreSQL only through a forwarder the test can cut.
+/// A one-gate cluster whose gate reaches PostgreSQL only through a forwarder the test can
+/// cut; `None` when PostgreSQL is unreachable outside CI.
+pub async fn cluster_behind_forwarder() -> Option<(Cluster, TcpForwarder)> {
+    let database = TestDb::new(Backend::Postgres).await?;
     let mut via_forwarder = url::Url::parse(&database.url).expect("the database URL parses");
     let target = format!(
         "{}:{}",
@@ -26,7 +24,7 @@ async fn with_the_database_cut_off_protected_routes_fail_closed_and_others_pass(
             .expect("the database URL has a host"),
         via_forwarder.port().unwrap_or(5432)
     );
-    let mut forwarder = TcpForwarder::start(target).await;
+    let forwarder = TcpForwarder::start(target).await;
     via_forwarder
         .set_host(Some("127.0.0.1"))
         .expect("set the forwarder's host");
@@ -34,6 +32,14 @@ async fn with_the_database_cut_off_protected_routes_fail_closed_and_others_pass(
         .set_port(Some(forwarder.port))
         .expect("set the forwarder's port");
     let cluster = Cluster::start_on(database, via_forwarder.to_string(), 1, "1s").await;
+    Some((cluster, forwarder))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_database_cut_off_protected_routes_fail_closed_and_others_pass() {
+    let Some((cluster, mut forwarder)) = cluster_behind_forwarder().await else {
+        return;
+    };
     let a = cluster.a();
     let alice = cluster.user("alice");
 

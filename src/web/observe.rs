@@ -1,0 +1,126 @@
+//! Watching every request from the outside: give it a request id (returned as a header and
+//! passed upstream), run it inside a tracing span that carries the id so every log line of the
+//! request has it, then count it in the metrics and write one access-log line.
+//!
+//! Handlers say what happened by leaving a marker in the response's extensions (the proxy
+//! pipeline's [`Outcome`], an error's [`ErrorMarker`]); this layer reads the markers, so the
+//! handlers need no metrics code of their own.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use http::HeaderName;
+use tracing::Instrument;
+
+use super::request_id::{self, RequestId};
+use super::AppState;
+use crate::metrics::{Ceremony, Outcome};
+
+/// Left in an error response's extensions by the error answers: what the error was.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorMarker {
+    pub code: &'static str,
+    /// The database failed (an outage or a query error), as opposed to the client or upstream.
+    pub database: bool,
+}
+
+pub async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = RequestId::from_headers(request.headers());
+    let header_value = id.header_value();
+    // The upstream sees the same id as our logs, whether the edge sent it or we made it.
+    if let Some(value) = &header_value {
+        request
+            .headers_mut()
+            .insert(HeaderName::from_static(request_id::HEADER), value.clone());
+    }
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|matched| matched.as_str().to_owned());
+    // The query is left out on purpose: it can carry tokens (the cancel link's, for one).
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %request.method(),
+        path = %request.uri().path(),
+    );
+    let mut response = request_id::scope(id, next.run(request).instrument(span.clone())).await;
+    let took = started.elapsed();
+    if let Some(value) = header_value {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static(request_id::HEADER), value);
+    }
+
+    let status = response.status().as_u16();
+    let error = response.extensions().get::<ErrorMarker>().copied();
+    if error.is_some_and(|error| error.database) {
+        state.metrics.record_database_error();
+    }
+    let millis = took.as_secs_f64() * 1000.0;
+    match route {
+        Some(route) => {
+            state.metrics.record_gate_request(&route, took);
+            if let Some((ceremony, step)) = ceremony_step(&route) {
+                let outcome = match (error, step) {
+                    (Some(error), _) => error.code,
+                    (None, Step::Start) => "started",
+                    (None, Step::Finish) => "success",
+                };
+                state.metrics.record_ceremony(ceremony, outcome);
+            }
+            let _entered = span.enter();
+            tracing::info!(status, route = %route, duration_ms = millis, "request finished");
+        }
+        None => {
+            let outcome = match (response.extensions().get::<Outcome>(), error) {
+                (Some(outcome), _) => *outcome,
+                (None, Some(error)) if error.code.starts_with("upstream_") => {
+                    Outcome::UpstreamError
+                }
+                (None, _) => Outcome::Refused,
+            };
+            state
+                .metrics
+                .record_request(outcome, error.map(|error| error.code), took);
+            let _entered = span.enter();
+            // Pass-through lines are debug: the edge logs those already, and at full rate they
+            // would cost more than the forward itself.
+            if outcome == Outcome::Passed {
+                tracing::debug!(
+                    status,
+                    outcome = outcome.as_str(),
+                    duration_ms = millis,
+                    "request finished"
+                );
+            } else {
+                tracing::info!(
+                    status,
+                    outcome = outcome.as_str(),
+                    duration_ms = millis,
+                    "request finished"
+                );
+            }
+        }
+    }
+    response
+}
+
+enum Step {
+    Start,
+    Finish,
+}
+
+/// The ceremony endpoints, by route template.
+fn ceremony_step(route: &str) -> Option<(Ceremony, Step)> {
+    Some(match route {
+        "/_stepgate/api/passkeys/register/start" => (Ceremony::Registration, Step::Start),
+        "/_stepgate/api/passkeys/register/finish" => (Ceremony::Registration, Step::Finish),
+        "/_stepgate/api/changes/{id}/confirm/start" => (Ceremony::Confirmation, Step::Start),
+        "/_stepgate/api/changes/{id}/confirm/finish" => (Ceremony::Confirmation, Step::Finish),
+        _ => return None,
+    })
+}

@@ -1,0 +1,112 @@
+//! The request id: taken from the edge's `X-Request-Id` when it is a sane token, otherwise
+//! generated; carried in a task-local for the whole request so error answers and pages can
+//! show it without every handler passing it along.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue};
+
+pub const HEADER: &str = "x-request-id";
+
+/// Ids from the edge longer than this, or with other characters, are replaced: they end up in
+/// logs, headers and pages.
+const MAX_LEN: usize = 128;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(Arc<str>);
+
+impl RequestId {
+    /// The edge's id when it is acceptable, else a fresh one.
+    pub fn from_headers(headers: &HeaderMap) -> RequestId {
+        let mut values = headers.get_all(HEADER).iter();
+        match (values.next(), values.next()) {
+            (Some(value), None) => match value.to_str() {
+                Ok(text) if is_acceptable(text) => RequestId(Arc::from(text)),
+                _ => RequestId::generate(),
+            },
+            _ => RequestId::generate(),
+        }
+    }
+
+    pub fn generate() -> RequestId {
+        RequestId(Arc::from(uuid::Uuid::new_v4().to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn header_value(&self) -> Option<HeaderValue> {
+        HeaderValue::from_str(&self.0).ok()
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn is_acceptable(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= MAX_LEN
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(&b))
+}
+
+tokio::task_local! {
+    static CURRENT: RequestId;
+}
+
+/// Runs `work` with `id` as the current request id.
+pub async fn scope<F: Future>(id: RequestId, work: F) -> F::Output {
+    CURRENT.scope(id, work).await
+}
+
+/// The id of the request being served, if any.
+pub fn current() -> Option<RequestId> {
+    CURRENT.try_with(RequestId::clone).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append(HEADER, HeaderValue::from_str(value).unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn a_sane_edge_id_is_kept() {
+        let id = RequestId::from_headers(&headers(&["edge-7f3a:01"]));
+        assert_eq!(id.as_str(), "edge-7f3a:01");
+    }
+
+    #[test]
+    fn odd_long_or_repeated_edge_ids_are_replaced() {
+        for bad in [
+            headers(&["two words"]),
+            headers(&["<script>"]),
+            headers(&[&"a".repeat(MAX_LEN + 1)]),
+            headers(&["one", "two"]),
+            headers(&[""]),
+        ] {
+            let id = RequestId::from_headers(&bad);
+            assert!(uuid::Uuid::parse_str(id.as_str()).is_ok(), "{id}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_current_id_is_visible_inside_the_scope_only() {
+        let id = RequestId::generate();
+        let seen = scope(id.clone(), async { current() }).await;
+        assert_eq!(seen, Some(id));
+        assert_eq!(current(), None);
+    }
+}
