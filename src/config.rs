@@ -137,7 +137,6 @@ impl std::error::Error for ConfigError {}
 // The file's schema.
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: String,
     public_url: String,
@@ -160,13 +159,11 @@ struct FileConfig {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FileFreeze {
     unfreeze_cooling_off: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FileNotifications {
     #[serde(default)]
     webhooks: Vec<String>,
@@ -178,7 +175,6 @@ struct FileNotifications {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FilePasskeys {
     add_cooling_off: Option<String>,
     quarantine: Option<String>,
@@ -214,14 +210,12 @@ struct FileCredentialPolicy {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FileWebauthn {
     rp_id: String,
     rp_name: String,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FileIdentity {
     mode: String,
     header: Option<String>,
@@ -240,7 +234,6 @@ struct FileIdentity {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FileLimits {
     max_body_bytes: Option<ByteSize>,
     upstream_timeout: Option<String>,
@@ -298,7 +291,6 @@ enum ByteSize {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FileRule {
     name: String,
     methods: Vec<String>,
@@ -335,7 +327,6 @@ impl FileRule {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FileCondition {
     pointer: String,
     contains: Option<toml::Value>,
@@ -361,37 +352,249 @@ impl Config {
     }
 
     /// Parses configuration text (named `source` in errors) with the given environment.
+    /// Every problem found is reported at once, each with its line (when it is in the file)
+    /// and key, so one run of `check-config` lists everything to fix.
     pub fn from_toml_str(
         text: &str,
         source: &str,
         env: &[(String, String)],
     ) -> Result<Config, ConfigError> {
-        // First pass straight from the text: serde errors then carry the line and column of
-        // the offending key, which a table round-trip would lose.
-        let direct: FileConfig = toml::from_str(text)
-            .map_err(|e| ConfigError::new(format!("{source}: {}", e.to_string().trim_end())))?;
-        let overrides: Vec<&(String, String)> = env
-            .iter()
-            .filter(|(k, _)| k.starts_with("STEPGATE_") && !is_reserved_env(k))
+        let (file, unknown) = Self::parse_with_overrides(text, source, env)?;
+        let set_by_env: Vec<(String, String)> = overrides_in(env)
+            .into_iter()
+            .map(|(name, _)| (env_key_path(name), name.clone()))
             .collect();
-        let file = if overrides.is_empty() {
-            direct
-        } else {
-            let mut table: toml::Table =
-                toml::from_str(text).map_err(|e| ConfigError::new(format!("{source}: {e}")))?;
-            for (name, value) in &overrides {
-                apply_override(&mut table, name, value)?;
-            }
-            let names: Vec<&str> = overrides.iter().map(|(k, _)| k.as_str()).collect();
-            FileConfig::deserialize(toml::Value::Table(table)).map_err(|e| {
-                ConfigError::new(format!(
-                    "{source} with environment overrides {}: {e}",
-                    names.join(", ")
-                ))
-            })?
-        };
-        validate(file, source)
+        let mut problems = Problems::new(source, text, &set_by_env);
+        validate(file, &mut problems, &unknown)
     }
+
+    /// The file with `STEPGATE_*` overrides applied, as TOML, plus the overrides' names; for
+    /// `check-config --print-effective`.
+    pub fn effective_table(
+        text: &str,
+        source: &str,
+        env: &[(String, String)],
+    ) -> Result<(toml::Table, Vec<String>), ConfigError> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::new(format!("{source}: {e}")))?;
+        let mut names = Vec::new();
+        for (name, value) in overrides_in(env) {
+            apply_override(&mut table, name, value)?;
+            names.push(name.clone());
+        }
+        Ok((table, names))
+    }
+
+    fn parse_with_overrides(
+        text: &str,
+        source: &str,
+        env: &[(String, String)],
+    ) -> Result<(FileConfig, Vec<String>), ConfigError> {
+        let mut unknown = Vec::new();
+        // First pass straight from the text: serde errors then carry the line and column of
+        // the offending key, which a table round-trip would lose. Unknown keys are collected
+        // rather than fatal here, so that all of them are reported together.
+        let direct: FileConfig =
+            serde_ignored::deserialize(toml::Deserializer::new(text), |path| {
+                unknown.push(path.to_string())
+            })
+            .map_err(|e| ConfigError::new(format!("{source}: {}", e.to_string().trim_end())))?;
+        let overrides = overrides_in(env);
+        if overrides.is_empty() {
+            return Ok((direct, unknown));
+        }
+        let (table, names) = Self::effective_table(text, source, env)?;
+        unknown.clear();
+        let file = serde_ignored::deserialize(toml::Value::Table(table), |path| {
+            unknown.push(path.to_string())
+        })
+        .map_err(|e| {
+            ConfigError::new(format!(
+                "{source} with environment overrides {}: {e}",
+                names.join(", ")
+            ))
+        })?;
+        Ok((file, unknown))
+    }
+}
+
+/// What `check-config --print-effective` prints: the configuration as the gate will read it
+/// (file plus `STEPGATE_*` overrides) in TOML, secrets redacted, then which keys the
+/// environment set.
+pub fn effective_report(path: &Path, env: &[(String, String)]) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(format!("{}: cannot read: {e}", path.display())))?;
+    let (mut table, overrides) = Config::effective_table(&text, &path.display().to_string(), env)?;
+    redact_secrets(&mut table);
+    let mut report = toml::to_string(&table)
+        .map_err(|e| ConfigError::new(format!("cannot print the configuration: {e}")))?;
+    report.push_str("\n# Set by the environment:");
+    if overrides.is_empty() {
+        report.push_str(" nothing\n");
+    } else {
+        report.push('\n');
+        for name in overrides {
+            let key = env_key_path(&name);
+            report.push_str(&format!("#   {name} -> {key}\n"));
+        }
+    }
+    Ok(report)
+}
+
+/// Keys whose values must never be printed: secrets, tokens, passwords, private keys.
+fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["secret", "token", "password", "private"]
+        .iter()
+        .any(|word| key.contains(word))
+        || (key.ends_with("_pem") && !key.starts_with("public"))
+}
+
+const REDACTED: &str = "<redacted>";
+
+fn redact_secrets(table: &mut toml::Table) {
+    for (key, value) in table.iter_mut() {
+        if is_secret_key(key) {
+            *value = toml::Value::String(REDACTED.into());
+            continue;
+        }
+        if key.ends_with("_url") {
+            if let toml::Value::String(text) = value {
+                if let Ok(mut url) = Url::parse(text) {
+                    if url.password().is_some() {
+                        let _ = url.set_password(Some(REDACTED));
+                        *text = url.to_string();
+                    }
+                }
+            }
+        }
+        match value {
+            toml::Value::Table(inner) => redact_secrets(inner),
+            toml::Value::Array(items) => {
+                for item in items {
+                    if let toml::Value::Table(inner) = item {
+                        redact_secrets(inner);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `STEPGATE_RULES__0__COOLING_OFF` → `rules.0.cooling_off`.
+fn env_key_path(name: &str) -> String {
+    name.trim_start_matches("STEPGATE_")
+        .split("__")
+        .map(str::to_ascii_lowercase)
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn overrides_in(env: &[(String, String)]) -> Vec<(&String, &String)> {
+    env.iter()
+        .filter(|(k, _)| k.starts_with("STEPGATE_") && !is_reserved_env(k))
+        .map(|(k, v)| (k, v))
+        .collect()
+}
+
+/// The problems found in one pass over a config, each said as `file, line N: `key`: why`.
+struct Problems<'a> {
+    source: &'a str,
+    text: &'a str,
+    /// (key path, variable) for every `STEPGATE_*` override, to say where a value came from.
+    set_by_env: &'a [(String, String)],
+    found: Vec<String>,
+}
+
+impl<'a> Problems<'a> {
+    fn new(source: &'a str, text: &'a str, set_by_env: &'a [(String, String)]) -> Self {
+        Problems {
+            source,
+            text,
+            set_by_env,
+            found: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, key: &str, why: impl fmt::Display) {
+        let from_env = self.set_by_env.iter().find(|(path, _)| {
+            key == path
+                || key.starts_with(&format!("{path}."))
+                || path.starts_with(&format!("{key}."))
+        });
+        let at = match (from_env, line_of(self.text, key)) {
+            (Some((_, variable)), _) => format!("environment variable {variable}"),
+            (None, Some(line)) => format!("{}, line {line}", self.source),
+            (None, None) => self.source.to_string(),
+        };
+        self.found.push(format!("{at}: `{key}`: {why}"));
+    }
+
+    /// The value, or `None` with the problem recorded.
+    fn check<T>(&mut self, key: &str, result: Result<T, String>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(why) => {
+                self.add(key, why);
+                None
+            }
+        }
+    }
+
+    /// The value, or `fallback` with the problem recorded (the config is refused anyway; the
+    /// fallback only lets the remaining keys be checked too).
+    fn or<T>(&mut self, key: &str, result: Result<T, String>, fallback: T) -> T {
+        self.check(key, result).unwrap_or(fallback)
+    }
+
+    fn error(&self) -> ConfigError {
+        let count = self.found.len();
+        let mut message = self.found.join("\n");
+        if count > 1 {
+            message.push_str(&format!("\n({count} problems)"));
+        }
+        ConfigError::new(message)
+    }
+}
+
+/// The line of the file on which `key` (`limits.sweep_interval`, `rules.2`,
+/// `rules.0.when.1.contain`) is written, when it is written there.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    use toml_edit::{Item, TableLike, Value};
+    let document = toml_edit::ImDocument::parse(text).ok()?;
+    let mut table: &dyn TableLike = document.as_table();
+    let mut span = None;
+    let mut segments = key.split('.').peekable();
+    while let Some(segment) = segments.next() {
+        let Some((name, item)) = table.get_key_value(segment) else {
+            break;
+        };
+        span = name.span().or(span);
+        let index = segments.peek().and_then(|s| s.parse::<usize>().ok());
+        let next: Option<&dyn TableLike> = match (index, item) {
+            (Some(index), Item::ArrayOfTables(tables)) => {
+                segments.next();
+                let element = tables.get(index)?;
+                span = element.span().or(span);
+                Some(element)
+            }
+            (Some(index), Item::Value(Value::Array(values))) => {
+                segments.next();
+                let element = values.get(index)?;
+                span = element.span().or(span);
+                element.as_inline_table().map(|t| t as &dyn TableLike)
+            }
+            (Some(_), _) => None,
+            (None, item) => item.as_table_like(),
+        };
+        match next {
+            Some(next) => table = next,
+            None => break,
+        }
+    }
+    let start = span?.start;
+    Some(text.get(..start)?.matches('\n').count() + 1)
 }
 
 /// `STEPGATE_IDENTITY__HMAC_SECRET=x` sets `identity.hmac_secret`: `__` separates table
@@ -487,216 +690,256 @@ fn parse_env_value(name: &str, raw: &str) -> Result<toml::Value, ConfigError> {
 // ---------------------------------------------------------------------------------------------
 // Validation.
 
-fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
-    let err = |key: &str, why: String| ConfigError::new(format!("{source}: `{key}`: {why}"));
-
-    let listen: SocketAddr = file.listen.parse().map_err(|e| {
-        err(
-            "listen",
-            format!("not an address like 127.0.0.1:8080 ({e})"),
-        )
-    })?;
-
-    let public_url = Url::parse(&file.public_url).map_err(|e| err("public_url", e.to_string()))?;
-    if !matches!(public_url.scheme(), "http" | "https") || public_url.host_str().is_none() {
-        return Err(err("public_url", "must be an http(s) origin".into()));
-    }
-    if public_url.path() != "/" || public_url.query().is_some() || public_url.fragment().is_some() {
-        return Err(err(
-            "public_url",
-            "must be an origin only, like https://gate.example.com (no path, query or fragment)"
-                .into(),
-        ));
-    }
-    if public_url.host_str() == Some("127.0.0.1") {
-        return Err(err(
-            "public_url",
-            "browsers refuse WebAuthn on http://127.0.0.1; use http://localhost:PORT".into(),
-        ));
+fn validate(
+    file: FileConfig,
+    problems: &mut Problems<'_>,
+    unknown: &[String],
+) -> Result<Config, ConfigError> {
+    for key in unknown {
+        problems.add(
+            key,
+            "unknown key (check its spelling against the configuration reference)",
+        );
     }
 
-    let upstream = Url::parse(&file.upstream).map_err(|e| err("upstream", e.to_string()))?;
-    if upstream.scheme() != "http" || upstream.host_str().is_none() {
-        return Err(err(
-            "upstream",
-            "must be an http:// URL (TLS to the upstream is not supported yet; keep the gate and \
-             the exchange API on a private network)"
-                .into(),
-        ));
-    }
-    if upstream.query().is_some() || upstream.fragment().is_some() {
-        return Err(err("upstream", "must not have a query or fragment".into()));
-    }
-
+    let listen: Option<SocketAddr> = problems.check(
+        "listen",
+        file.listen
+            .parse()
+            .map_err(|e| format!("not an address like 127.0.0.1:8080 ({e})")),
+    );
+    let public_url = problems.check("public_url", check_public_url(&file.public_url));
+    let upstream = problems.check("upstream", check_upstream(&file.upstream));
     if !(file.database_url.starts_with("sqlite:") || file.database_url.starts_with("postgres")) {
-        return Err(err(
+        problems.add(
             "database_url",
-            "must start with sqlite: or postgres:// (for example sqlite://stepgate.db, sqlite::memory: or postgres://user@host/db)".into(),
-        ));
+            "must start with sqlite: or postgres:// (for example sqlite://stepgate.db, sqlite::memory: or postgres://user@host/db)",
+        );
     }
 
-    if file.webauthn.rp_id.trim().is_empty() {
-        return Err(err("webauthn.rp_id", "must not be empty".into()));
-    }
-    let host = public_url.host_str().unwrap_or_default();
     let rp_id = file.webauthn.rp_id.clone();
-    if host != rp_id && !host.ends_with(&format!(".{rp_id}")) {
-        return Err(err(
-            "webauthn.rp_id",
-            format!("must be the host of public_url ({host}) or a parent domain of it"),
-        ));
+    if rp_id.trim().is_empty() {
+        problems.add("webauthn.rp_id", "must not be empty");
+    } else if let Some(public_url) = &public_url {
+        let host = public_url.host_str().unwrap_or_default();
+        if host != rp_id && !host.ends_with(&format!(".{rp_id}")) {
+            problems.add(
+                "webauthn.rp_id",
+                format!("must be the host of public_url ({host}) or a parent domain of it"),
+            );
+        }
     }
 
     let upstream_identity_header = match &file.identity.upstream_header {
         None => None,
-        Some(name) => {
-            let name = http::HeaderName::try_from(name.to_ascii_lowercase())
-                .map_err(|_| err("identity.upstream_header", "not a valid header name".into()))?;
-            let clashes = file
-                .identity
-                .header
-                .as_deref()
-                .is_some_and(|h| h.eq_ignore_ascii_case(name.as_str()))
-                || name.as_str().starts_with("stepgate-")
-                || [
-                    "host",
-                    "connection",
-                    "authorization",
-                    "cookie",
-                    "content-type",
-                    "content-length",
-                ]
-                .contains(&name.as_str());
-            if clashes {
-                return Err(err(
-                    "identity.upstream_header",
-                    format!("`{name}` is used for something else; pick a header of its own, like x-verified-user"),
-                ));
-            }
-            Some(name)
+        Some(name) => problems.check(
+            "identity.upstream_header",
+            check_upstream_header(name, file.identity.header.as_deref()),
+        ),
+    };
+    let identity = match validate_identity(file.identity) {
+        Ok(identity) => Some(identity),
+        Err((key, why)) => {
+            problems.add(&format!("identity.{key}"), why);
+            None
         }
     };
-    let identity = validate_identity(file.identity, source)?;
 
+    let mut duration = |key: &str, value: Option<String>, default: &str| {
+        let fallback = parse_duration(default).unwrap_or_default();
+        problems.or(
+            &format!("limits.{key}"),
+            duration_or(value, default),
+            fallback,
+        )
+    };
+    let upstream_timeout = duration("upstream_timeout", file.limits.upstream_timeout, "30s");
+    let connect_timeout = duration("connect_timeout", file.limits.connect_timeout, "5s");
+    let ceremony_ttl = duration("ceremony_ttl", file.limits.ceremony_ttl, "5m");
+    let database_timeout = duration("database_timeout", file.limits.database_timeout, "5s");
+    let sweep_interval = duration("sweep_interval", file.limits.sweep_interval, "30s");
+    let header_timeout = duration("header_timeout", file.limits.header_timeout, "10s");
+    let body_timeout = duration("body_timeout", file.limits.body_timeout, "30s");
+    let shutdown_grace = duration("shutdown_grace", file.limits.shutdown_grace, "30s");
     let limits = Limits {
-        max_body_bytes: match file.limits.max_body_bytes {
+        max_body_bytes: match &file.limits.max_body_bytes {
             None => 64 * 1024,
-            Some(size) => {
-                parse_byte_size(&size).map_err(|why| err("limits.max_body_bytes", why))?
-            }
+            Some(size) => problems.or("limits.max_body_bytes", parse_byte_size(size), 0),
         },
-        upstream_timeout: duration_or(file.limits.upstream_timeout, "30s")
-            .map_err(|why| err("limits.upstream_timeout", why))?,
-        connect_timeout: duration_or(file.limits.connect_timeout, "5s")
-            .map_err(|why| err("limits.connect_timeout", why))?,
-        ceremony_ttl: duration_or(file.limits.ceremony_ttl, "5m")
-            .map_err(|why| err("limits.ceremony_ttl", why))?,
-        database_timeout: duration_or(file.limits.database_timeout, "5s")
-            .map_err(|why| err("limits.database_timeout", why))?,
-        sweep_interval: duration_or(file.limits.sweep_interval, "30s")
-            .map_err(|why| err("limits.sweep_interval", why))?,
-        header_timeout: duration_or(file.limits.header_timeout, "10s")
-            .map_err(|why| err("limits.header_timeout", why))?,
+        upstream_timeout,
+        connect_timeout,
+        ceremony_ttl,
+        database_timeout,
+        sweep_interval,
+        header_timeout,
         max_header_bytes: match &file.limits.max_header_bytes {
             None => 32 * 1024,
-            Some(size) => match parse_byte_size(size) {
-                // hyper needs room for at least one ordinary head.
-                Ok(bytes) if bytes < 8192 => {
-                    return Err(err(
-                        "limits.max_header_bytes",
-                        "must be at least 8KiB".into(),
-                    ))
-                }
-                Ok(bytes) => bytes,
-                Err(why) => return Err(err("limits.max_header_bytes", why)),
-            },
+            Some(size) => problems.or(
+                "limits.max_header_bytes",
+                parse_byte_size(size).and_then(|bytes| {
+                    // hyper needs room for at least one ordinary head.
+                    if bytes < 8192 {
+                        Err("must be at least 8KiB".into())
+                    } else {
+                        Ok(bytes)
+                    }
+                }),
+                0,
+            ),
         },
-        body_timeout: duration_or(file.limits.body_timeout, "30s")
-            .map_err(|why| err("limits.body_timeout", why))?,
-        shutdown_grace: duration_or(file.limits.shutdown_grace, "30s")
-            .map_err(|why| err("limits.shutdown_grace", why))?,
-        max_pending_per_user: count_or(file.limits.max_pending_per_user, 10)
-            .map_err(|why| err("limits.max_pending_per_user", why))?,
-        max_ceremonies_per_minute: count_or(file.limits.max_ceremonies_per_minute, 20)
-            .map_err(|why| err("limits.max_ceremonies_per_minute", why))?,
+        body_timeout,
+        shutdown_grace,
+        max_pending_per_user: problems.or(
+            "limits.max_pending_per_user",
+            count_or(file.limits.max_pending_per_user, 10),
+            0,
+        ),
+        max_ceremonies_per_minute: problems.or(
+            "limits.max_ceremonies_per_minute",
+            count_or(file.limits.max_ceremonies_per_minute, 20),
+            0,
+        ),
     };
 
     let admin = match (&file.admin_listen, &file.admin_token) {
         (None, None) => None,
         (Some(listen), Some(token)) => {
             if token.len() < 32 {
-                return Err(err(
-                    "admin_token",
-                    "must be at least 32 characters long".into(),
-                ));
+                problems.add("admin_token", "must be at least 32 characters long");
             }
-            let listen = listen.parse().map_err(|e| {
-                err(
+            problems
+                .check(
                     "admin_listen",
-                    format!("not an address like 127.0.0.1:8081 ({e})"),
+                    listen
+                        .parse()
+                        .map_err(|e| format!("not an address like 127.0.0.1:8081 ({e})")),
                 )
-            })?;
-            Some(AdminSettings {
-                listen,
-                token: token.clone(),
-            })
+                .map(|listen| AdminSettings {
+                    listen,
+                    token: token.clone(),
+                })
         }
         (Some(_), None) => {
-            return Err(err(
+            problems.add(
                 "admin_token",
-                "required with admin_listen (set STEPGATE_ADMIN_TOKEN)".into(),
-            ))
+                "required with admin_listen (set STEPGATE_ADMIN_TOKEN)",
+            );
+            None
         }
-        (None, Some(_)) => return Err(err("admin_listen", "required with admin_token".into())),
+        (None, Some(_)) => {
+            problems.add("admin_listen", "required with admin_token");
+            None
+        }
     };
     let notifications =
-        validate_notifications(&file.notifications).map_err(|why| err("notifications", why))?;
-    if notifications.anti_phishing_claim.is_some() && !matches!(identity, IdentitySettings::Jwt(_))
-    {
-        return Err(err(
+        problems.check("notifications", validate_notifications(&file.notifications));
+    let anti_phishing_claim = notifications
+        .as_ref()
+        .is_some_and(|n| n.anti_phishing_claim.is_some());
+    if anti_phishing_claim && !matches!(identity, Some(IdentitySettings::Jwt(_))) {
+        problems.add(
             "notifications.anti_phishing_claim",
-            "only applies with [identity] mode = \"jwt\"; use anti_phishing_header".into(),
-        ));
+            "only applies with [identity] mode = \"jwt\"; use anti_phishing_header",
+        );
     }
     let global_file_policy = file.passkeys.policy();
-    let global_policy =
-        build_policy(&global_file_policy, None).map_err(|why| err("passkeys", why))?;
-    let passkeys = PasskeySettings {
-        add_cooling_off: duration_or(file.passkeys.add_cooling_off.clone(), "24h")
-            .map_err(|why| err("passkeys.add_cooling_off", why))?,
-        quarantine: duration_or(file.passkeys.quarantine.clone(), "24h")
-            .map_err(|why| err("passkeys.quarantine", why))?,
-        confirm_within: duration_or(file.passkeys.confirm_within.clone(), "10m")
-            .map_err(|why| err("passkeys.confirm_within", why))?,
-        unfreeze_cooling_off: duration_or(file.freeze.unfreeze_cooling_off.clone(), "24h")
-            .map_err(|why| err("freeze.unfreeze_cooling_off", why))?,
-        request_attestation: false,
-        policy: global_policy.clone(),
+    let global_policy = problems.check("passkeys", build_policy(&global_file_policy, None));
+    let mut passkey_duration = |key: &str, value: Option<String>| {
+        problems.or(key, duration_or(value, "24h"), Duration::ZERO)
     };
+    let add_cooling_off = passkey_duration(
+        "passkeys.add_cooling_off",
+        file.passkeys.add_cooling_off.clone(),
+    );
+    let quarantine = passkey_duration("passkeys.quarantine", file.passkeys.quarantine.clone());
+    let unfreeze_cooling_off = passkey_duration(
+        "freeze.unfreeze_cooling_off",
+        file.freeze.unfreeze_cooling_off.clone(),
+    );
+    let confirm_within = problems.or(
+        "passkeys.confirm_within",
+        duration_or(file.passkeys.confirm_within.clone(), "10m"),
+        Duration::ZERO,
+    );
 
     let mut rules = Vec::with_capacity(file.rules.len());
+    // Where each valid rule sits in the file, for saying which one a later problem is about.
+    let mut file_index_of = Vec::with_capacity(file.rules.len());
     let mut rule_policies = HashMap::new();
-    let mut request_attestation = global_policy.attestation_roots.is_some();
+    let mut request_attestation = global_policy
+        .as_ref()
+        .is_some_and(|policy| policy.attestation_roots.is_some());
     for (index, rule) in file.rules.into_iter().enumerate() {
-        let label = format!("rules[{index}] ({})", rule.name);
+        let key = format!("rules.{index}");
+        let label = format!("rule `{}`", rule.name);
         if BUILT_IN_RULES.contains(&rule.name.as_str()) {
-            return Err(err(
-                &label,
-                "this name is reserved for the gate's own passkey changes".into(),
-            ));
+            problems.add(
+                &key,
+                format!("{label}: this name is reserved for the gate's own passkey changes"),
+            );
+            continue;
         }
-        let policy =
-            build_policy(&rule.policy(), Some(&global_policy)).map_err(|why| err(&label, why))?;
-        request_attestation |= policy.attestation_roots.is_some();
-        rule_policies.insert(rule.name.clone(), policy);
-        rules.push(validate_rule(rule).map_err(|why| err(&label, why))?);
+        if let Some(global_policy) = &global_policy {
+            match build_policy(&rule.policy(), Some(global_policy)) {
+                Ok(policy) => {
+                    request_attestation |= policy.attestation_roots.is_some();
+                    rule_policies.insert(rule.name.clone(), policy);
+                }
+                Err(why) => problems.add(&key, format!("{label}: {why}")),
+            }
+        }
+        match validate_rule(rule) {
+            Ok(rule) => {
+                rules.push(rule);
+                file_index_of.push(index);
+            }
+            Err(why) => problems.add(&key, format!("{label}: {why}")),
+        }
     }
-    let rules = RuleSet::new(rules).map_err(|why| err("rules", why))?;
-    let passkeys = PasskeySettings {
-        request_attestation,
-        ..passkeys
-    };
+    let rules = problems.check("rules", RuleSet::new(rules));
+    if let Some(rules) = &rules {
+        for (earlier, later) in rules.unreachable() {
+            let index = rules
+                .rules()
+                .iter()
+                .position(|rule| rule.name == later.name)
+                .and_then(|position| file_index_of.get(position))
+                .copied()
+                .unwrap_or_default();
+            problems.add(
+                &format!("rules.{index}"),
+                format!(
+                    "rule `{}` can never match: the earlier rule `{}` holds every request it \
+                     would (all of its methods and paths, with no `when`); move it first or \
+                     narrow `{}`",
+                    later.name, earlier.name, earlier.name
+                ),
+            );
+        }
+    }
 
+    let (
+        Some(listen),
+        Some(public_url),
+        Some(upstream),
+        Some(identity),
+        Some(notifications),
+        Some(global_policy),
+        Some(rules),
+        true,
+    ) = (
+        listen,
+        public_url,
+        upstream,
+        identity,
+        notifications,
+        global_policy,
+        rules,
+        problems.found.is_empty(),
+    )
+    else {
+        return Err(problems.error());
+    };
     Ok(Config {
         listen,
         public_url,
@@ -710,11 +953,77 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
         upstream_identity_header,
         limits,
         rules,
-        passkeys,
+        passkeys: PasskeySettings {
+            add_cooling_off,
+            quarantine,
+            confirm_within,
+            unfreeze_cooling_off,
+            request_attestation,
+            policy: global_policy,
+        },
         notifications,
         admin,
         rule_policies,
     })
+}
+
+fn check_public_url(text: &str) -> Result<Url, String> {
+    let public_url = Url::parse(text).map_err(|e| e.to_string())?;
+    if !matches!(public_url.scheme(), "http" | "https") || public_url.host_str().is_none() {
+        return Err("must be an http(s) origin".into());
+    }
+    if public_url.path() != "/" || public_url.query().is_some() || public_url.fragment().is_some() {
+        return Err(
+            "must be an origin only, like https://gate.example.com (no path, query or fragment)"
+                .into(),
+        );
+    }
+    if public_url.host_str() == Some("127.0.0.1") {
+        return Err(
+            "browsers refuse WebAuthn on http://127.0.0.1; use http://localhost:PORT".into(),
+        );
+    }
+    Ok(public_url)
+}
+
+fn check_upstream(text: &str) -> Result<Url, String> {
+    let upstream = Url::parse(text).map_err(|e| e.to_string())?;
+    if upstream.scheme() != "http" || upstream.host_str().is_none() {
+        return Err(
+            "must be an http:// URL (TLS to the upstream is not supported yet; keep the gate and \
+             the exchange API on a private network)"
+                .into(),
+        );
+    }
+    if upstream.query().is_some() || upstream.fragment().is_some() {
+        return Err("must not have a query or fragment".into());
+    }
+    Ok(upstream)
+}
+
+fn check_upstream_header(
+    name: &str,
+    identity_header: Option<&str>,
+) -> Result<http::HeaderName, String> {
+    let name = http::HeaderName::try_from(name.to_ascii_lowercase())
+        .map_err(|_| "not a valid header name".to_string())?;
+    let clashes = identity_header.is_some_and(|h| h.eq_ignore_ascii_case(name.as_str()))
+        || name.as_str().starts_with("stepgate-")
+        || [
+            "host",
+            "connection",
+            "authorization",
+            "cookie",
+            "content-type",
+            "content-length",
+        ]
+        .contains(&name.as_str());
+    if clashes {
+        return Err(format!(
+            "`{name}` is used for something else; pick a header of its own, like x-verified-user"
+        ));
+    }
+    Ok(name)
 }
 
 fn validate_notifications(file: &FileNotifications) -> Result<NotifySettings, String> {
@@ -827,8 +1136,9 @@ fn build_policy(
     })
 }
 
-fn validate_identity(file: FileIdentity, source: &str) -> Result<IdentitySettings, ConfigError> {
-    let err = |key: &str, why: &str| ConfigError::new(format!("{source}: `identity.{key}`: {why}"));
+/// The `[identity]` table; a problem comes back as (key within the table, why).
+fn validate_identity(file: FileIdentity) -> Result<IdentitySettings, (String, String)> {
+    let err = |key: &str, why: &str| (key.to_string(), why.to_string());
     let jwt_only = [
         ("algorithm", file.algorithm.is_some()),
         ("secret", file.secret.is_some()),
@@ -1061,6 +1371,136 @@ cooling_off = "24h"
 confirm_within = "10m"
 summary = "Enable withdrawals on API key {key_id}"
 "#;
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_line_and_key() {
+        let text = format!(
+            "{}{}",
+            MINIMAL
+                .replace("[identity]", "[limits]\nsweep_intervall = \"1s\"\nbody_timeout = \"soon\"\n\n[identity]")
+                .replace(
+                    "cooling_off = \"24h\"",
+                    "cooling_off = \"a day\"\nwhen_not = true"
+                )
+                .replace(
+                    "mode = \"header\"\nheader = \"x-user-id\"",
+                    "mode = \"jwt\"\nalgorithm = \"ES256\"\npublic_key_file = \"/nonexistent/edge.pem\""
+                ),
+            r#"
+[[rules]]
+name = "any-key-change"
+methods = ["PUT"]
+path = "/api/v1/api-keys/{id}"
+cooling_off = "1h"
+confirm_within = "10m"
+summary = "Change API key {id}"
+
+[[rules]]
+name = "main-key-change"
+methods = ["PUT"]
+path = "/api/v1/api-keys/main"
+cooling_off = "1h"
+confirm_within = "10m"
+summary = "Change the main API key"
+"#
+        );
+        let line = |needle: &str| {
+            text.lines()
+                .position(|l| l.starts_with(needle))
+                .map(|i| i + 1)
+                .unwrap_or_else(|| panic!("{needle} is in the text"))
+        };
+        let error = Config::from_toml_str(&text, "gate.toml", &[]).unwrap_err();
+        let message = error.message;
+        let expected = [
+            format!(
+                "gate.toml, line {}: `limits.sweep_intervall`: unknown key",
+                line("sweep_intervall")
+            ),
+            format!(
+                "gate.toml, line {}: `rules.0.when_not`: unknown key",
+                line("when_not")
+            ),
+            format!(
+                "gate.toml, line {}: `limits.body_timeout`:",
+                line("body_timeout")
+            ),
+            format!(
+                "gate.toml, line {}: `identity.public_key_file`: cannot read /nonexistent/edge.pem",
+                line("public_key_file")
+            ),
+            "`rules.0`: rule `enable-withdrawals`: cooling_off:".to_string(),
+            "`rules.2`: rule `main-key-change` can never match: the earlier rule `any-key-change`"
+                .to_string(),
+            "(6 problems)".to_string(),
+        ];
+        for part in expected {
+            assert!(message.contains(&part), "missing {part:?} in:\n{message}");
+        }
+        assert_eq!(message.lines().count(), 7, "{message}");
+    }
+
+    #[test]
+    fn a_problem_from_the_environment_names_the_variable() {
+        let env = vec![(
+            "STEPGATE_LIMITS__SWEEP_INTERVAL".to_string(),
+            "often".to_string(),
+        )];
+        let error = Config::from_toml_str(MINIMAL, "gate.toml", &env).unwrap_err();
+        assert!(
+            error.message.starts_with(
+                "environment variable STEPGATE_LIMITS__SWEEP_INTERVAL: `limits.sweep_interval`:"
+            ),
+            "{}",
+            error.message
+        );
+    }
+
+    #[test]
+    fn the_effective_config_redacts_secrets_and_lists_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gate.toml");
+        let text = MINIMAL
+            .replace(
+                "database_url = \"sqlite::memory:\"",
+                "database_url = \"postgres://gate:db-password-1@db/gate\"",
+            )
+            .replace(
+                "header = \"x-user-id\"",
+                "header = \"x-user-id\"\nhmac_secret = \"file-secret-0123456789abcdef0123456789\"",
+            );
+        std::fs::write(&path, text).unwrap();
+        let env = vec![
+            (
+                "STEPGATE_ADMIN_TOKEN".to_string(),
+                "env-token-0123456789abcdef0123456789".to_string(),
+            ),
+            (
+                "STEPGATE_ADMIN_LISTEN".to_string(),
+                "127.0.0.1:8081".to_string(),
+            ),
+        ];
+        let report = effective_report(&path, &env).unwrap();
+        for secret in ["db-password-1", "file-secret-", "env-token-"] {
+            assert!(!report.contains(secret), "{secret} leaked:\n{report}");
+        }
+        assert!(report.contains("admin_token = \"<redacted>\""), "{report}");
+        assert!(report.contains("hmac_secret = \"<redacted>\""), "{report}");
+        assert!(
+            report.contains("admin_listen = \"127.0.0.1:8081\""),
+            "{report}"
+        );
+        assert!(
+            report.contains("#   STEPGATE_ADMIN_TOKEN -> admin_token"),
+            "{report}"
+        );
+        assert!(
+            report.contains("#   STEPGATE_ADMIN_LISTEN -> admin_listen"),
+            "{report}"
+        );
+        // What it prints is itself a config that loads (with the secrets put back).
+        assert!(report.contains("[[rules]]"), "{report}");
+    }
 
     #[test]
     fn minimal_file_loads() {

@@ -63,10 +63,15 @@ enum Command {
         #[command(subcommand)]
         action: AuditAction,
     },
-    /// Validate a config file (with STEPGATE_* overrides applied) and exit.
+    /// Validate a config file (with STEPGATE_* overrides applied), report every problem with
+    /// its line and key, and exit (0: valid, 2: problems).
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
+        /// Also print the configuration as the gate reads it (file plus STEPGATE_* overrides,
+        /// secrets redacted) and which keys the environment set.
+        #[arg(long)]
+        print_effective: bool,
     },
 }
 
@@ -167,7 +172,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("migrations applied to {}", redact_url(&config.database_url));
             Ok(())
         }
-        Command::CheckConfig { config: path } => {
+        Command::CheckConfig {
+            config: path,
+            print_effective,
+        } => {
+            if print_effective {
+                let env: Vec<(String, String)> = std::env::vars().collect();
+                print!("{}", stepgate::config::effective_report(&path, &env)?);
+            }
             let config = Config::load(&path)?;
             println!(
                 "{}: OK — listen {}, public_url {}, upstream {}, {} rule(s): {}",

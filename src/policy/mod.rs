@@ -263,6 +263,28 @@ impl RuleSet {
         &self.rules
     }
 
+    /// Pairs `(earlier, later)` where the later rule can never decide anything: the earlier
+    /// one matches every method and path it does and holds every body (no `when`), and the
+    /// first matching rule decides. Almost always a mistake in the file's order.
+    pub fn unreachable(&self) -> Vec<(&Rule, &Rule)> {
+        let mut found = Vec::new();
+        for (index, later) in self.rules.iter().enumerate() {
+            let shadow = self.rules[..index].iter().find(|earlier| {
+                earlier.conditions.is_empty()
+                    && later.methods.iter().all(|m| earlier.methods.contains(m))
+                    && earlier.path.covers(
+                        earlier.case_insensitive,
+                        &later.path,
+                        later.case_insensitive,
+                    )
+            });
+            if let Some(earlier) = shadow {
+                found.push((earlier, later));
+            }
+        }
+        found
+    }
+
     pub fn by_name(&self, name: &str) -> Option<&Rule> {
         self.rules.iter().find(|r| r.name == name)
     }
@@ -500,6 +522,49 @@ mod tests {
     }
 
     const PATH: &str = "/api/v1/api-keys/k1";
+
+    fn named(name: &str, methods: &[&str], path: &str, conditions: Vec<Condition>) -> Rule {
+        Rule::new(RuleSpec {
+            name: name.into(),
+            methods: methods.iter().map(|m| m.to_string()).collect(),
+            path: path.into(),
+            summary: "Change something".into(),
+            ..spec(conditions)
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_later_rule_behind_an_unconditional_broader_one_is_unreachable() {
+        let broad = named("broad", &["PUT", "PATCH"], "/api/v1/api-keys/{id}", vec![]);
+        let narrow = named("narrow", &["PUT"], "/api/v1/api-keys/main", vec![]);
+        let rules = RuleSet::new(vec![broad.clone(), narrow.clone()]).unwrap();
+        let found: Vec<(&str, &str)> = rules
+            .unreachable()
+            .iter()
+            .map(|(a, b)| (a.name.as_str(), b.name.as_str()))
+            .collect();
+        assert_eq!(found, [("broad", "narrow")]);
+
+        // Reachable: the earlier rule has a condition, or matches fewer methods or paths, or
+        // comes after.
+        let conditional = named(
+            "broad",
+            &["PUT", "PATCH"],
+            "/api/v1/api-keys/{id}",
+            vec![contains_withdraw()],
+        );
+        let post = named("post", &["POST"], "/api/v1/api-keys/main", vec![]);
+        let deeper = named("deeper", &["PUT"], "/api/v1/api-keys/{id}/ips", vec![]);
+        for set in [
+            vec![conditional, narrow.clone()],
+            vec![broad.clone(), post],
+            vec![broad.clone(), deeper],
+            vec![narrow, broad],
+        ] {
+            assert!(RuleSet::new(set).unwrap().unreachable().is_empty());
+        }
+    }
 
     #[test]
     fn conditions_contains_equals_exists() {

@@ -176,6 +176,34 @@ impl PathTemplate {
         })
     }
 
+    /// Whether every path `other` matches (with `other_case_insensitive`) is also matched by
+    /// this template (with `case_insensitive`): placeholders cover anything but an empty
+    /// segment, literals only the same literal (any case, if this one ignores case).
+    pub fn covers(
+        &self,
+        case_insensitive: bool,
+        other: &PathTemplate,
+        other_case_insensitive: bool,
+    ) -> bool {
+        self.segments.len() == other.segments.len()
+            && self
+                .segments
+                .iter()
+                .zip(&other.segments)
+                .all(|(mine, theirs)| match (mine, theirs) {
+                    (TemplateSegment::Param(_), _) => true,
+                    (TemplateSegment::Literal(_), TemplateSegment::Param(_)) => false,
+                    (TemplateSegment::Literal(a), TemplateSegment::Literal(b)) => {
+                        if case_insensitive {
+                            a.eq_ignore_ascii_case(b)
+                        } else {
+                            // A case-insensitive later rule also matches other spellings.
+                            a == b && !other_case_insensitive
+                        }
+                    }
+                })
+    }
+
     /// Matches a canonical path; returns the placeholder values (still percent-encoded).
     /// Does not allocate unless it matches.
     pub fn matches<'p>(

@@ -86,6 +86,47 @@ fn check_config_applies_and_checks_environment_overrides() {
 }
 
 #[test]
+fn check_config_lists_every_problem_and_prints_the_effective_config() {
+    let text = GOOD
+        .replace(
+            "rp_name = \"Example Exchange\"",
+            "rp_name = \"Example Exchange\"\nrp_nmae = \"typo\"",
+        )
+        .replace("cooling_off = \"24h\"", "cooling_off = \"one day\"");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("stepgate.toml");
+    std::fs::write(&path, text).expect("write the config");
+    let output = Command::new(STEPGATE)
+        .args(["check-config", "--print-effective", "--config"])
+        .arg(&path)
+        .env("STEPGATE_ADMIN_LISTEN", "127.0.0.1:0")
+        .env(
+            "STEPGATE_ADMIN_TOKEN",
+            "cli-secret-token-0123456789abcdef01",
+        )
+        .output()
+        .expect("run stepgate check-config --print-effective");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("line 10: `webauthn.rp_nmae`: unknown key"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("`rules.0`: rule `enable-withdrawals`: cooling_off"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("(2 problems)"), "{stderr}");
+    assert!(stdout.contains("admin_token = \"<redacted>\""), "{stdout}");
+    assert!(!stdout.contains("cli-secret-token"), "{stdout}");
+    assert!(
+        stdout.contains("STEPGATE_ADMIN_LISTEN -> admin_listen"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn help_explains_each_command() {
     let output = Command::new(STEPGATE)
         .arg("--help")
