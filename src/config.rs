@@ -19,7 +19,9 @@ use webauthn_rs::prelude::AttestationCaListBuilder;
 use crate::identity::{IdentitySettings, JwtAlgorithm, JwtSettings};
 use crate::notify::NotifySettings;
 use crate::passkeys::CredentialPolicy;
-use crate::policy::{Condition, ConditionTest, ExtraMediaType, Rule, RuleSet, RuleSpec};
+use crate::policy::{
+    Condition, ConditionTest, ExtraMediaType, ReleaseMode, Rule, RuleSet, RuleSpec,
+};
 
 /// Everything the gate needs to run, validated.
 #[derive(Debug, Clone)]
@@ -42,6 +44,33 @@ pub struct Config {
     pub admin: Option<AdminSettings>,
     /// The effective credential policy of each rule (its own settings over the global ones).
     pub rule_policies: HashMap<String, CredentialPolicy>,
+    /// The `[approval]` section: how released requests are signed for the upstream.
+    pub approval: ApprovalSettings,
+}
+
+/// The `[approval]` section. Without a key file the gate keeps a generated key in its
+/// database (see `app::approval_signer`).
+#[derive(Clone)]
+pub struct ApprovalSettings {
+    /// A PKCS#8 PEM private key (P-256 → ES256, Ed25519 → EdDSA), read and checked at load.
+    pub signing_key_pem: Option<Vec<u8>>,
+    /// The JWS `kid`; by default the key's RFC 7638 thumbprint.
+    pub key_id: Option<String>,
+    /// How long a signed approval is valid after it is made (its `exp`).
+    pub token_lifetime: Duration,
+}
+
+impl std::fmt::Debug for ApprovalSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApprovalSettings")
+            .field(
+                "signing_key",
+                &self.signing_key_pem.as_ref().map(|_| "(from file)"),
+            )
+            .field("key_id", &self.key_id)
+            .field("token_lifetime", &self.token_lifetime)
+            .finish()
+    }
 }
 
 /// The admin API's listener and token.
@@ -107,6 +136,8 @@ pub struct Limits {
     pub max_pending_per_user: u32,
     /// How many passkey ceremonies one user may start per minute (429 above it).
     pub max_ceremonies_per_minute: u32,
+    /// How often each instance looks for due changes of `release = "auto"` rules.
+    pub auto_release_interval: Duration,
 }
 
 /// A configuration problem, said in terms of the file or variable it came from.
@@ -155,6 +186,16 @@ struct FileConfig {
     freeze: FileFreeze,
     admin_listen: Option<String>,
     admin_token: Option<String>,
+    #[serde(default)]
+    approval: FileApproval,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileApproval {
+    signing_key_file: Option<String>,
+    key_id: Option<String>,
+    token_lifetime: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -251,6 +292,7 @@ struct FileLimits {
     body_timeout: Option<String>,
     max_pending_per_user: Option<Count>,
     max_ceremonies_per_minute: Option<Count>,
+    auto_release_interval: Option<String>,
 }
 
 /// A count written as an integer or as text (environment values are always text).
@@ -305,6 +347,8 @@ struct FileRule {
     cooling_off: String,
     confirm_within: String,
     release_within: Option<String>,
+    /// "client" (default) or "auto".
+    release: Option<String>,
     summary: String,
     #[serde(default)]
     case_insensitive: bool,
@@ -614,7 +658,16 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
             .map_err(|why| err("limits.max_pending_per_user", why))?,
         max_ceremonies_per_minute: count_or(file.limits.max_ceremonies_per_minute, 20)
             .map_err(|why| err("limits.max_ceremonies_per_minute", why))?,
+        auto_release_interval: duration_or(file.limits.auto_release_interval, "5s")
+            .map_err(|why| err("limits.auto_release_interval", why))?,
     };
+    if limits.auto_release_interval.is_zero() {
+        return Err(err(
+            "limits.auto_release_interval",
+            "must be longer than zero".into(),
+        ));
+    }
+    let approval = validate_approval(&file.approval).map_err(|why| err("approval", why))?;
 
     let admin = match (&file.admin_listen, &file.admin_token) {
         (None, None) => None,
@@ -709,6 +762,38 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
         notifications,
         admin,
         rule_policies,
+        approval,
+    })
+}
+
+/// The key file is read and parsed now, so a wrong path or key type fails at start-up and in
+/// `check-config`, not on the first release.
+fn validate_approval(file: &FileApproval) -> Result<ApprovalSettings, String> {
+    let signing_key_pem = match &file.signing_key_file {
+        None => None,
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("signing_key_file: cannot read {path}: {e}"))?;
+            crate::approval::SigningKey::from_pem(&pem)
+                .map_err(|e| format!("signing_key_file: {path}: {e}"))?;
+            Some(pem)
+        }
+    };
+    let key_id = match &file.key_id {
+        Some(id) if id.trim().is_empty() || id.len() > 128 => {
+            return Err("key_id must be 1 to 128 characters".into())
+        }
+        other => other.clone(),
+    };
+    let token_lifetime = duration_or(file.token_lifetime.clone(), "5m")
+        .map_err(|e| format!("token_lifetime: {e}"))?;
+    if token_lifetime.is_zero() || token_lifetime > Duration::from_secs(3600) {
+        return Err("token_lifetime must be longer than zero and at most 1h".into());
+    }
+    Ok(ApprovalSettings {
+        signing_key_pem,
+        key_id,
+        token_lifetime,
     })
 }
 
@@ -970,7 +1055,12 @@ fn validate_rule(rule: FileRule) -> Result<Rule, String> {
             )),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Rule::new(RuleSpec {
+    let release = match rule.release.as_deref() {
+        None | Some("client") => ReleaseMode::Client,
+        Some("auto") => ReleaseMode::Auto,
+        Some(other) => return Err(format!("release: `{other}` must be \"client\" or \"auto\"")),
+    };
+    let mut built = Rule::new(RuleSpec {
         name: rule.name,
         methods: rule.methods,
         path: rule.path,
@@ -982,7 +1072,9 @@ fn validate_rule(rule: FileRule) -> Result<Rule, String> {
         case_insensitive: rule.case_insensitive,
         fold_case: rule.fold_case,
         content_types,
-    })
+    })?;
+    built.release = release;
+    Ok(built)
 }
 
 fn toml_to_json(value: toml::Value) -> Result<serde_json::Value, String> {
