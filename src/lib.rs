@@ -10,6 +10,7 @@
 pub mod app;
 pub mod approval;
 pub mod audit;
+pub mod auto_release;
 pub mod clock;
 pub mod config;
 pub mod demo;
