@@ -1150,6 +1150,57 @@ summary = "Enable withdrawals on API key {key_id}"
 "#;
 
     #[test]
+    fn release_mode_defaults_to_client_and_auto_is_read() {
+        let config = Config::from_toml_str(MINIMAL, "t", &[]).expect("loads");
+        assert_eq!(config.rules.rules()[0].release, ReleaseMode::Client);
+        let env = vec![("STEPGATE_RULES__0__RELEASE".to_string(), "auto".to_string())];
+        let config = Config::from_toml_str(MINIMAL, "t", &env).expect("loads");
+        assert_eq!(config.rules.rules()[0].release, ReleaseMode::Auto);
+        let env = vec![(
+            "STEPGATE_RULES__0__RELEASE".to_string(),
+            "later".to_string(),
+        )];
+        let error = Config::from_toml_str(MINIMAL, "t", &env).unwrap_err();
+        assert!(error.message.contains("release"), "{}", error.message);
+    }
+
+    #[test]
+    fn the_approval_key_file_is_read_and_checked_at_load() {
+        let without = Config::from_toml_str(MINIMAL, "t", &[]).expect("loads");
+        assert!(without.approval.signing_key_pem.is_none());
+        assert_eq!(without.approval.token_lifetime, Duration::from_secs(300));
+
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let good = dir.path().join("approval.pem");
+        std::fs::write(&good, crate::approval::SigningKey::generate_ed25519_pem()).unwrap();
+        let bad = dir.path().join("bad.pem");
+        std::fs::write(
+            &bad,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let with = |path: &std::path::Path| {
+            let text = format!(
+                "{MINIMAL}\n[approval]\nsigning_key_file = \"{}\"\nkey_id = \"k1\"\ntoken_lifetime = \"2m\"\n",
+                path.display()
+            );
+            Config::from_toml_str(&text, "t", &[])
+        };
+        let loaded = with(&good).expect("an Ed25519 PKCS#8 key loads");
+        assert!(loaded.approval.signing_key_pem.is_some());
+        assert_eq!(loaded.approval.key_id.as_deref(), Some("k1"));
+        assert_eq!(loaded.approval.token_lifetime, Duration::from_secs(120));
+        for path in [bad, dir.path().join("missing.pem")] {
+            let error = with(&path).unwrap_err();
+            assert!(
+                error.message.contains("approval") && error.message.contains("signing_key_file"),
+                "{}",
+                error.message
+            );
+        }
+    }
+
+    #[test]
     fn minimal_file_loads() {
         let config = Config::from_toml_str(MINIMAL, "test.toml", &[]).expect("valid");
         assert_eq!(config.rules.rules().len(), 1);
