@@ -11,6 +11,7 @@ use axum::Router;
 use tower_sessions::cookie::SameSite;
 use tower_sessions::{Expiry, SessionManagerLayer};
 
+use crate::approval::Approvals;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::notify::Notifier;
@@ -21,7 +22,7 @@ use crate::stepup::StepUp;
 use crate::store::sessions::DbSessionStore;
 use crate::store::Store;
 use crate::web::{
-    api, assets, cancel_link, gateway, observe, pages, same_origin_only, security_headers,
+    api, assets, cancel_link, gateway, jwks, observe, pages, same_origin_only, security_headers,
     AppInner, AppState,
 };
 
@@ -74,11 +75,28 @@ pub async fn build(
         },
     );
     let upstream = Upstream::new(&config).map_err(anyhow::Error::msg)?;
+    let approvals = Approvals::new(
+        config.approval.clone(),
+        public_origin.clone(),
+        store.clone(),
+        clock.clone(),
+    );
+    // Load the signing key now when the database is there, so a broken key shows at start-up;
+    // a database that is down only delays it to the first release.
+    if let Err(error) = approvals.signer().await {
+        tracing::warn!(%error, "the approval signing key could not be loaded yet");
+    } else if config.approval.signing_key_pem.is_none() {
+        tracing::info!(
+            "approvals are signed with the key kept in the database; set [approval] \
+             signing_key_file to keep it out of the database"
+        );
+    }
     let secure_cookie = config.public_url.scheme() == "https";
     let state = AppState(Arc::new(AppInner {
         config,
         stepup,
         upstream,
+        approvals,
         clock: clock.clone(),
         public_origin,
         metrics: crate::metrics::Metrics::new(),
@@ -141,7 +159,9 @@ pub async fn build(
 
     // Everything that is not a gate route goes through the proxy pipeline. Gate layers do
     // not wrap it: pass-through answers are the upstream's, untouched.
+    // The JWKS is public and cacheable: outside the gate layers (no session, no `no-store`).
     let router = gate
+        .route("/_stepgate/jwks.json", get(jwks::jwks))
         .fallback(gateway::gateway)
         // Outermost, on gate routes and the proxy pipeline alike: every request gets an id, a
         // span and its metrics, refusals by inner layers included.

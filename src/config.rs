@@ -19,7 +19,9 @@ use webauthn_rs::prelude::AttestationCaListBuilder;
 use crate::identity::{IdentitySettings, JwtAlgorithm, JwtSettings};
 use crate::notify::NotifySettings;
 use crate::passkeys::CredentialPolicy;
-use crate::policy::{Condition, ConditionTest, ExtraMediaType, Rule, RuleSet, RuleSpec};
+use crate::policy::{
+    Condition, ConditionTest, ExtraMediaType, ReleaseMode, Rule, RuleSet, RuleSpec,
+};
 
 /// Everything the gate needs to run, validated.
 #[derive(Debug, Clone)]
@@ -42,6 +44,33 @@ pub struct Config {
     pub admin: Option<AdminSettings>,
     /// The effective credential policy of each rule (its own settings over the global ones).
     pub rule_policies: HashMap<String, CredentialPolicy>,
+    /// The `[approval]` section: how released requests are signed for the upstream.
+    pub approval: ApprovalSettings,
+}
+
+/// The `[approval]` section. Without a key file the gate keeps a generated key in its
+/// database (see `app::approval_signer`).
+#[derive(Clone)]
+pub struct ApprovalSettings {
+    /// A PKCS#8 PEM private key (P-256 → ES256, Ed25519 → EdDSA), read and checked at load.
+    pub signing_key_pem: Option<Vec<u8>>,
+    /// The JWS `kid`; by default the key's RFC 7638 thumbprint.
+    pub key_id: Option<String>,
+    /// How long a signed approval is valid after it is made (its `exp`).
+    pub token_lifetime: Duration,
+}
+
+impl std::fmt::Debug for ApprovalSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApprovalSettings")
+            .field(
+                "signing_key",
+                &self.signing_key_pem.as_ref().map(|_| "(from file)"),
+            )
+            .field("key_id", &self.key_id)
+            .field("token_lifetime", &self.token_lifetime)
+            .finish()
+    }
 }
 
 /// The admin API's listener and token.
@@ -109,6 +138,8 @@ pub struct Limits {
     pub max_ceremonies_per_minute: u32,
     /// On SIGTERM, how long in-flight requests may take to finish before the gate exits.
     pub shutdown_grace: Duration,
+    /// How often each instance looks for due changes of `release = "auto"` rules.
+    pub auto_release_interval: Duration,
 }
 
 /// A configuration problem, said in terms of the file or variable it came from.
@@ -156,6 +187,16 @@ struct FileConfig {
     freeze: FileFreeze,
     admin_listen: Option<String>,
     admin_token: Option<String>,
+    #[serde(default)]
+    approval: FileApproval,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileApproval {
+    signing_key_file: Option<String>,
+    key_id: Option<String>,
+    token_lifetime: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -247,6 +288,7 @@ struct FileLimits {
     max_pending_per_user: Option<Count>,
     max_ceremonies_per_minute: Option<Count>,
     shutdown_grace: Option<String>,
+    auto_release_interval: Option<String>,
 }
 
 /// A count written as an integer or as text (environment values are always text).
@@ -300,6 +342,8 @@ struct FileRule {
     cooling_off: String,
     confirm_within: String,
     release_within: Option<String>,
+    /// "client" (default) or "auto".
+    release: Option<String>,
     summary: String,
     #[serde(default)]
     case_insensitive: bool,
@@ -799,6 +843,31 @@ fn validate(
             count_or(file.limits.max_ceremonies_per_minute, 20),
             0,
         ),
+        auto_release_interval: problems.or(
+            "limits.auto_release_interval",
+            duration_or(file.limits.auto_release_interval, "5s").and_then(|interval| {
+                if interval.is_zero() {
+                    Err("must be longer than zero".into())
+                } else {
+                    Ok(interval)
+                }
+            }),
+            Duration::from_secs(5),
+        ),
+    };
+    let approval = match validate_approval(&file.approval) {
+        Ok(approval) => Some(approval),
+        Err(why) => {
+            // The sub-key a message starts with (`signing_key_file: …`) finds its line.
+            let key = match why.split_once(':') {
+                Some((sub, _)) if sub.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') => {
+                    format!("approval.{sub}")
+                }
+                _ => "approval".to_string(),
+            };
+            problems.add(&key, why);
+            None
+        }
     };
 
     let admin = match (&file.admin_listen, &file.admin_token) {
@@ -926,6 +995,7 @@ fn validate(
         Some(notifications),
         Some(global_policy),
         Some(rules),
+        Some(approval),
         true,
     ) = (
         listen,
@@ -935,6 +1005,7 @@ fn validate(
         notifications,
         global_policy,
         rules,
+        approval,
         problems.found.is_empty(),
     )
     else {
@@ -964,6 +1035,38 @@ fn validate(
         notifications,
         admin,
         rule_policies,
+        approval,
+    })
+}
+
+/// The key file is read and parsed now, so a wrong path or key type fails at start-up and in
+/// `check-config`, not on the first release.
+fn validate_approval(file: &FileApproval) -> Result<ApprovalSettings, String> {
+    let signing_key_pem = match &file.signing_key_file {
+        None => None,
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("signing_key_file: cannot read {path}: {e}"))?;
+            crate::approval::SigningKey::from_pem(&pem)
+                .map_err(|e| format!("signing_key_file: {path}: {e}"))?;
+            Some(pem)
+        }
+    };
+    let key_id = match &file.key_id {
+        Some(id) if id.trim().is_empty() || id.len() > 128 => {
+            return Err("key_id must be 1 to 128 characters".into())
+        }
+        other => other.clone(),
+    };
+    let token_lifetime = duration_or(file.token_lifetime.clone(), "5m")
+        .map_err(|e| format!("token_lifetime: {e}"))?;
+    if token_lifetime.is_zero() || token_lifetime > Duration::from_secs(3600) {
+        return Err("token_lifetime must be longer than zero and at most 1h".into());
+    }
+    Ok(ApprovalSettings {
+        signing_key_pem,
+        key_id,
+        token_lifetime,
     })
 }
 
@@ -1285,7 +1388,12 @@ fn validate_rule(rule: FileRule) -> Result<Rule, String> {
             )),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Rule::new(RuleSpec {
+    let release = match rule.release.as_deref() {
+        None | Some("client") => ReleaseMode::Client,
+        Some("auto") => ReleaseMode::Auto,
+        Some(other) => return Err(format!("release: `{other}` must be \"client\" or \"auto\"")),
+    };
+    let mut built = Rule::new(RuleSpec {
         name: rule.name,
         methods: rule.methods,
         path: rule.path,
@@ -1297,7 +1405,9 @@ fn validate_rule(rule: FileRule) -> Result<Rule, String> {
         case_insensitive: rule.case_insensitive,
         fold_case: rule.fold_case,
         content_types,
-    })
+    })?;
+    built.release = release;
+    Ok(built)
 }
 
 fn toml_to_json(value: toml::Value) -> Result<serde_json::Value, String> {
@@ -1500,6 +1610,57 @@ summary = "Change the main API key"
         );
         // What it prints is itself a config that loads (with the secrets put back).
         assert!(report.contains("[[rules]]"), "{report}");
+    }
+
+    #[test]
+    fn release_mode_defaults_to_client_and_auto_is_read() {
+        let config = Config::from_toml_str(MINIMAL, "t", &[]).expect("loads");
+        assert_eq!(config.rules.rules()[0].release, ReleaseMode::Client);
+        let env = vec![("STEPGATE_RULES__0__RELEASE".to_string(), "auto".to_string())];
+        let config = Config::from_toml_str(MINIMAL, "t", &env).expect("loads");
+        assert_eq!(config.rules.rules()[0].release, ReleaseMode::Auto);
+        let env = vec![(
+            "STEPGATE_RULES__0__RELEASE".to_string(),
+            "later".to_string(),
+        )];
+        let error = Config::from_toml_str(MINIMAL, "t", &env).unwrap_err();
+        assert!(error.message.contains("release"), "{}", error.message);
+    }
+
+    #[test]
+    fn the_approval_key_file_is_read_and_checked_at_load() {
+        let without = Config::from_toml_str(MINIMAL, "t", &[]).expect("loads");
+        assert!(without.approval.signing_key_pem.is_none());
+        assert_eq!(without.approval.token_lifetime, Duration::from_secs(300));
+
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let good = dir.path().join("approval.pem");
+        std::fs::write(&good, crate::approval::SigningKey::generate_ed25519_pem()).unwrap();
+        let bad = dir.path().join("bad.pem");
+        std::fs::write(
+            &bad,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let with = |path: &std::path::Path| {
+            let text = format!(
+                "{MINIMAL}\n[approval]\nsigning_key_file = \"{}\"\nkey_id = \"k1\"\ntoken_lifetime = \"2m\"\n",
+                path.display()
+            );
+            Config::from_toml_str(&text, "t", &[])
+        };
+        let loaded = with(&good).expect("an Ed25519 PKCS#8 key loads");
+        assert!(loaded.approval.signing_key_pem.is_some());
+        assert_eq!(loaded.approval.key_id.as_deref(), Some("k1"));
+        assert_eq!(loaded.approval.token_lifetime, Duration::from_secs(120));
+        for path in [bad, dir.path().join("missing.pem")] {
+            let error = with(&path).unwrap_err();
+            assert!(
+                error.message.contains("approval") && error.message.contains("signing_key_file"),
+                "{}",
+                error.message
+            );
+        }
     }
 
     #[test]

@@ -4,10 +4,13 @@
 //! other request streams through untouched.
 //!
 //! The public surface: [`config::Config`] to describe a gate, [`server::Server`] to run one,
-//! [`clock`] to inject time, and [`demo`] for the built-in walkthrough.
+//! [`clock`] to inject time, [`approval`] for exchanges to verify the gate's signed approvals,
+//! and [`demo`] for the built-in walkthrough.
 
 pub mod app;
+pub mod approval;
 pub mod audit;
+pub mod auto_release;
 pub mod clock;
 pub mod config;
 pub mod demo;

@@ -100,6 +100,12 @@ impl Server {
     ) -> std::io::Result<()> {
         let sweeper = tokio::spawn(sweep_forever(self.state.clone()));
         let sender = tokio::spawn(deliver_forever(self.state.clone()));
+        // Told to stop rather than aborted, so a forward in flight records its outcome.
+        let (stop_auto_release, auto_release_stop) = tokio::sync::watch::channel(false);
+        let auto_releaser = tokio::spawn(crate::auto_release::run(
+            self.state.clone(),
+            auto_release_stop,
+        ));
         // The admin API has its own listener so it can stay off the public network.
         // The operator endpoints (health, readiness, metrics) share it, without the token.
         let admin = self.admin.map(|(listener, _)| {
@@ -149,6 +155,8 @@ impl Server {
             });
         }
         drop(self.listener);
+        // No new auto-releases from now on; one in flight may finish (bounded below).
+        let _ = stop_auto_release.send(true);
         self.state
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -167,6 +175,16 @@ impl Server {
             );
         } else {
             tracing::info!("every request in flight finished");
+        }
+        // A forward takes at most connect + upstream timeout; past that, abort it: the change
+        // stays `applying` and its lease lets another instance forward it with the same key.
+        let auto_release_abort = auto_releaser.abort_handle();
+        let forward_bound = limits.connect_timeout + limits.upstream_timeout;
+        if tokio::time::timeout(forward_bound, auto_releaser)
+            .await
+            .is_err()
+        {
+            auto_release_abort.abort();
         }
         sweeper.abort();
         sender.abort();

@@ -198,6 +198,18 @@ impl Notifier {
             State::Cancelled => ("change.cancelled", true),
             State::Expired => ("change.expired", true),
         };
+        self.change_event_effects(kind, notify, change, anti_phishing_code, now)
+    }
+
+    /// The audit row, and when `notify` the event, `kind` about `change` as it is now.
+    pub fn change_event_effects(
+        &self,
+        kind: &str,
+        notify: bool,
+        change: &Change,
+        anti_phishing_code: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Effects {
         let detail = json!({
             "rule": change.rule,
             "summary": change.summary,
@@ -244,6 +256,10 @@ impl Notifier {
                 "state": change.state.as_str(),
                 "release_at": change.release_at.map(rfc3339),
             });
+            // What the exchange answered, once it has (applied changes).
+            if let Some(status) = change.outcome_status {
+                payload["change"]["upstream_status"] = json!(status);
+            }
             if change.state.is_pending() {
                 if let Some(url) = self.cancel_url(change) {
                     payload["cancel_url"] = Value::String(url);

@@ -103,6 +103,17 @@ pub struct RuleSpec {
     pub content_types: Vec<ExtraMediaType>,
 }
 
+/// Who forwards a rule's held request once its cooling-off is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReleaseMode {
+    /// The client repeats the identical request with `Stepgate-Change` (the default).
+    #[default]
+    Client,
+    /// The gate's background worker forwards the stored request itself, for clients that
+    /// cannot repeat it. A client release is still accepted; whichever comes first wins.
+    Auto,
+}
+
 /// One protected kind of change.
 #[derive(Debug, Clone)]
 pub struct Rule {
@@ -117,6 +128,8 @@ pub struct Rule {
     pub confirm_within: Duration,
     /// How long after `release_at` the held request may still be released.
     pub release_within: Duration,
+    /// Set from the file's `release` key after [`Rule::new`]; `Client` unless configured.
+    pub release: ReleaseMode,
     summary: String,
 }
 
@@ -164,6 +177,7 @@ impl Rule {
             cooling_off: spec.cooling_off,
             confirm_within: spec.confirm_within,
             release_within: spec.release_within,
+            release: ReleaseMode::Client,
             summary: spec.summary,
         })
     }

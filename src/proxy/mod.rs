@@ -77,9 +77,14 @@ pub struct Outgoing {
     pub path_and_query: String,
     pub headers: HeaderMap,
     pub body: Body,
-    pub client_ip: IpAddr,
+    /// The client's address, appended to `X-Forwarded-For`; `None` for a request the gate
+    /// sends on its own (an auto-release), which has no client.
+    pub client_ip: Option<IpAddr>,
     /// Set on a release: replaces anything the client sent.
     pub idempotency_key: Option<String>,
+    /// Set on a release: the signed `Stepgate-Approval`. Client copies of every `Stepgate-*`
+    /// header are removed first, so only the gate's own can reach the upstream.
+    pub approval: Option<String>,
 }
 
 #[derive(Clone)]
@@ -151,6 +156,21 @@ impl Upstream {
         .map_err(|e: http::uri::InvalidUri| ProxyError::Failed(e.to_string()))?;
         let mut headers = outgoing.headers;
         self.prepare_request_headers(&mut headers, outgoing.client_ip, outgoing.idempotency_key);
+        if let Some(approval) = outgoing.approval {
+            // After `strip_gate_namespace`, which ran inside `prepare_request_headers`.
+            match HeaderValue::from_str(&approval) {
+                Ok(value) => {
+                    headers.insert(crate::approval::APPROVAL_HEADER, value);
+                }
+                // A compact JWS is base64url and dots; anything else is our bug, and a release
+                // without its approval must not go out.
+                Err(_) => {
+                    return Err(ProxyError::Failed(
+                        "the gate's approval is not a valid header value".into(),
+                    ))
+                }
+            }
+        }
 
         let mut request = Request::new(outgoing.body);
         *request.method_mut() = outgoing.method;
@@ -172,7 +192,7 @@ impl Upstream {
     fn prepare_request_headers(
         &self,
         headers: &mut HeaderMap,
-        client_ip: IpAddr,
+        client_ip: Option<IpAddr>,
         idempotency_key: Option<String>,
     ) {
         // Hop-by-hop first, so a client cannot use `Connection: X-Forwarded-For` to remove a
@@ -189,13 +209,17 @@ impl Upstream {
         }
         headers.insert(header::HOST, self.host.clone());
 
-        let client_ip = client_ip.to_string();
-        let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(existing) if !existing.trim().is_empty() => format!("{existing}, {client_ip}"),
-            _ => client_ip,
-        };
-        if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-            headers.insert("x-forwarded-for", value);
+        if let Some(client_ip) = client_ip {
+            let client_ip = client_ip.to_string();
+            let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(existing) if !existing.trim().is_empty() => {
+                    format!("{existing}, {client_ip}")
+                }
+                _ => client_ip,
+            };
+            if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+                headers.insert("x-forwarded-for", value);
+            }
         }
         headers.insert("x-forwarded-proto", self.forwarded_proto.clone());
         headers.insert("x-forwarded-host", self.forwarded_host.clone());

@@ -402,6 +402,49 @@ impl StepUp {
         self.apply(change, outcome, now).await
     }
 
+    /// Takes a due change of a `release = "auto"` rule for the auto-release worker, by the
+    /// same conditional move to `applying` (with a lease) that a client release makes: of all
+    /// instances' workers and any client release, exactly one wins; the others get the
+    /// refusal (`Applying`, `AlreadyApplied`, ...). The gate's own changes are never forwarded.
+    pub async fn take_for_auto_release(&self, change: Change) -> Result<Change, GateError> {
+        let now = self.now();
+        if is_built_in(&change.rule) {
+            return Err(GateError::ChangeMismatch);
+        }
+        // Freezing cancels pending changes; this covers a freeze racing the worker.
+        let user = UserId::parse(&change.user_id).map_err(|_| GateError::NotFound)?;
+        self.refuse_if_frozen(&user).await?;
+        let lease_until = now + self.settings.release_lease;
+        self.apply(change, Event::Release { lease_until }, now)
+            .await
+    }
+
+    /// Records an auto-release's outcome through the same transitions as a client release,
+    /// but tells the user in words of its own, since no client is there to show the answer:
+    /// `change.auto_released` when the exchange answered 2xx, `change.auto_release_failed`
+    /// when it answered anything else (the change is still `applied`: the exchange decided).
+    pub async fn record_auto_outcome(
+        &self,
+        change: Change,
+        outcome: Event,
+    ) -> Result<Change, GateError> {
+        let now = self.now();
+        let code = self.store.anti_phishing_code(&change.user_id).await?;
+        let effects_of = |moved: &Change| match (outcome, moved.state) {
+            (Event::Delivered { status }, State::Applied) => {
+                let kind = if (200..300).contains(&status) {
+                    "change.auto_released"
+                } else {
+                    "change.auto_release_failed"
+                };
+                self.notifier
+                    .change_event_effects(kind, true, moved, code.as_deref(), now)
+            }
+            _ => self.notifier.change_effects(moved, code.as_deref(), now),
+        };
+        self.apply_with(change, outcome, now, &effects_of).await
+    }
+
     /// The change a one-click cancel link names, if its token is valid and unexpired. An
     /// invalid token is indistinguishable from an unknown change.
     pub async fn change_by_cancel_token(&self, id: Uuid, token: &str) -> Result<Change, GateError> {
@@ -880,22 +923,29 @@ impl StepUp {
     /// re-reads it and decides again, so the answer reflects what actually happened.
     async fn apply(
         &self,
-        mut change: Change,
+        change: Change,
         event: Event,
         now: OffsetDateTime,
     ) -> Result<Change, GateError> {
-        // Each retry follows a real move by someone else, and a change moves only a few times
-        // in its life, so this loop is short.
         let code = self.store.anti_phishing_code(&change.user_id).await?;
         let effects_of = |moved: &Change| self.notifier.change_effects(moved, code.as_deref(), now);
+        self.apply_with(change, event, now, &effects_of).await
+    }
+
+    /// [`StepUp::apply`] with the move's audit rows and events chosen by `effects_of`.
+    async fn apply_with(
+        &self,
+        mut change: Change,
+        event: Event,
+        now: OffsetDateTime,
+        effects_of: &(dyn Fn(&Change) -> Effects + Sync),
+    ) -> Result<Change, GateError> {
+        // Each retry follows a real move by someone else, and a change moves only a few times
+        // in its life, so this loop is short.
         for _ in 0..5 {
             match transition(&change, event, now) {
                 Ok(t) => {
-                    if self
-                        .store
-                        .apply_transition(&change, &t, &effects_of)
-                        .await?
-                    {
+                    if self.store.apply_transition(&change, &t, effects_of).await? {
                         return Ok(change.after(&t));
                     }
                 }

@@ -789,6 +789,59 @@ impl Store {
         Ok(expired.iter().map(|change| change.id).collect())
     }
 
+    /// Changes of the `rules` (the auto-release ones) that are due for forwarding at `now`:
+    /// cooling off with `release_at` reached, or left `applying` by a forward whose lease ran
+    /// out (a crash or an unknown outcome). Only candidates: each is then taken with the same
+    /// conditional transition a client release uses, so only one instance forwards it.
+    pub async fn due_auto_releases(
+        &self,
+        rules: &[String],
+        now: OffsetDateTime,
+        limit: i64,
+    ) -> Result<Vec<Change>, StoreError> {
+        if rules.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names = (0..rules.len())
+            .map(|i| format!("${}", i + 3))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT {CHANGE_COLUMNS} FROM changes WHERE rule_name IN ({names}) AND \
+             ((state = 'cooling_off' AND release_at <= $1) \
+             OR (state = 'applying' AND lease_until <= $1)) \
+             ORDER BY release_at, id LIMIT $2"
+        );
+        let mut query = sqlx::query(&sql).bind(to_millis(now)).bind(limit);
+        for rule in rules {
+            query = query.bind(rule.as_str());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(change_from_row).collect()
+    }
+
+    /// The approval signing key kept in the database (PKCS#8 PEM), storing `generated` first
+    /// if there is none yet. Of instances starting at once, the first insert wins and all of
+    /// them read that one key.
+    pub async fn approval_key_or_insert(
+        &self,
+        generated: &str,
+        now: OffsetDateTime,
+    ) -> Result<String, StoreError> {
+        sqlx::query(
+            "INSERT INTO approval_keys (id, private_key_pem, created_at) VALUES ('default', $1, $2) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(generated)
+        .bind(to_millis(now))
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query("SELECT private_key_pem FROM approval_keys WHERE id = 'default'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("private_key_pem")?)
+    }
+
     /// Removes browser sessions that expired before `now`.
     pub async fn delete_expired_sessions(&self, now: OffsetDateTime) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM sessions WHERE expiry_date < $1")

@@ -163,14 +163,25 @@ async fn handle(
             .release(&user, change_id, &held.digest())
             .await?;
         tracing::info!(change = %change.id, user = %user, rule = %change.rule, attempt = change.release_attempts, "releasing a confirmed change");
-        let idempotency_key = Some(change.id.to_string());
+        let approval = match state.approvals.sign(&change).await {
+            Ok(approval) => approval,
+            Err(error) => {
+                // Nothing was sent: give the lease back so a retry can go at once.
+                record_release_outcome(state, change, Some(Event::Undelivered)).await;
+                return Err(error);
+            }
+        };
+        let release = Release {
+            idempotency_key: change.id.to_string(),
+            approval,
+        };
         let forwarded = forward(
             state,
             parts,
             path_and_query,
             Body::from(body),
             peer,
-            idempotency_key,
+            Some(release),
         )
         .await;
         let outcome = release_outcome(&forwarded);
@@ -234,21 +245,32 @@ fn passed(forwarded: Result<Response, GateError>) -> Result<(Outcome, Response),
     forwarded.map(|response| (Outcome::Passed, response))
 }
 
+/// What a release adds to the forwarded request; nothing else carries these.
+pub struct Release {
+    pub idempotency_key: String,
+    pub approval: String,
+}
+
 async fn forward(
     state: &AppState,
     parts: http::request::Parts,
     path_and_query: String,
     body: Body,
     peer: SocketAddr,
-    idempotency_key: Option<String>,
+    release: Option<Release>,
 ) -> Result<Response, GateError> {
+    let (idempotency_key, approval) = match release {
+        Some(release) => (Some(release.idempotency_key), Some(release.approval)),
+        None => (None, None),
+    };
     let outgoing = Outgoing {
         method: parts.method,
         path_and_query,
         headers: parts.headers,
         body,
-        client_ip: peer.ip(),
+        client_ip: Some(peer.ip()),
         idempotency_key,
+        approval,
     };
     Ok(state.upstream.forward(outgoing).await?)
 }
@@ -257,7 +279,7 @@ async fn forward(
 /// is unknown (timeout, broken answer): the change then stays `applying` until its lease runs
 /// out, and a later release forwards it again with the same `Idempotency-Key`, which the
 /// upstream's de-duplication makes safe.
-fn release_outcome(forwarded: &Result<Response, GateError>) -> Option<Event> {
+pub fn release_outcome(forwarded: &Result<Response, GateError>) -> Option<Event> {
     match forwarded {
         Ok(response) => Some(Event::Delivered {
             status: response.status().as_u16(),

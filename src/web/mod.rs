@@ -8,6 +8,7 @@ pub mod api;
 pub mod assets;
 pub mod cancel_link;
 pub mod gateway;
+pub mod jwks;
 pub mod observe;
 pub mod ops;
 pub mod pages;
@@ -39,6 +40,8 @@ pub struct AppInner {
     pub config: Config,
     pub stepup: StepUp,
     pub upstream: Upstream,
+    /// Signs the `Stepgate-Approval` of every release and publishes its JWKS.
+    pub approvals: crate::approval::Approvals,
     pub clock: Arc<dyn Clock>,
     /// `public_url` as an origin string (`http://localhost:8080`), for Origin checks.
     pub public_origin: String,

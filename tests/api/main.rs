@@ -30,6 +30,7 @@ macro_rules! on_both_backends {
     };
 }
 
+mod approval;
 mod concurrency;
 mod helpers;
 mod hold;

@@ -164,6 +164,15 @@ impl Upstream {
         }
     }
 
+    /// Asserts that nothing has reached `path` yet.
+    pub fn assert_saw_nothing_on(&self, path: &str) {
+        let seen = self.received_on(path);
+        assert!(
+            seen.is_empty(),
+            "the upstream must not have been reached on {path}: {seen:?}"
+        );
+    }
+
     pub fn assert_saw_nothing(&self, context: &str) {
         let received = self.received();
         assert!(
@@ -283,6 +292,8 @@ pub struct GateSettings {
     pub database_url: String,
     pub clock_file: PathBuf,
     pub database_timeout: &'static str,
+    /// Appended to the config file: more `[[rules]]`, `[notifications]`, ...
+    pub extra_toml: String,
 }
 
 impl GateSettings {
@@ -311,6 +322,8 @@ database_timeout = "{database_timeout}"
 # Every instance sweeps often, so the sweeps run alongside everything the tests do.
 sweep_interval = "1s"
 shutdown_grace = "{SHUTDOWN_GRACE_SECS}s"
+# Auto-release workers (only with a `release = "auto"` rule) look often, so they race.
+auto_release_interval = "200ms"
 
 [[rules]]
 name = "enable-withdrawals"
@@ -320,7 +333,9 @@ when = [{{ pointer = "/permissions", contains = "withdraw" }}]
 cooling_off = "24h"
 confirm_within = "10m"
 summary = "Enable withdrawals on API key {{key_id}}"
+{extra_toml}
 "#,
+            extra_toml = self.extra_toml,
             public_url = self.public_url,
             upstream = self.upstream,
             database_url = self.database_url,
@@ -585,6 +600,14 @@ impl Cluster {
         Some(Cluster::start_on(database, url, instances, "30s").await)
     }
 
+    /// As [`Cluster::start`], with `extra_toml` appended to every gate's config; `upstream`
+    /// in it is replaced by the stand-in upstream's URL.
+    pub async fn start_with(instances: usize, extra_toml: &str) -> Option<Cluster> {
+        let database = TestDb::new(Backend::Postgres).await?;
+        let url = database.url.clone();
+        Some(Cluster::start_configured(database, url, instances, "30s", extra_toml).await)
+    }
+
     /// `instances` gates on `database`, reaching it through `database_url` (which may lead
     /// through a forwarder), with that `database_timeout`.
     pub async fn start_on(
@@ -592,6 +615,16 @@ impl Cluster {
         database_url: String,
         instances: usize,
         database_timeout: &'static str,
+    ) -> Cluster {
+        Cluster::start_configured(database, database_url, instances, database_timeout, "").await
+    }
+
+    async fn start_configured(
+        database: TestDb,
+        database_url: String,
+        instances: usize,
+        database_timeout: &'static str,
+        extra_toml: &str,
     ) -> Cluster {
         let upstream = Upstream::start().await;
         let clock = TestClock::new();
@@ -603,6 +636,7 @@ impl Cluster {
             database_url,
             clock_file: clock.path(),
             database_timeout,
+            extra_toml: extra_toml.replace("{upstream}", &upstream.url()),
         };
         let names = ["A", "B", "C", "D"];
         let mut gates = Vec::new();

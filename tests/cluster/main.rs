@@ -16,6 +16,7 @@ mod testdb;
 mod forwarder;
 mod harness;
 
+mod auto_release;
 mod crashes;
 mod instances;
 mod migrate;

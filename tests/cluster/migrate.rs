@@ -58,6 +58,7 @@ async fn migrate_then_serve_without_migrating() {
         database_url: database.url.clone(),
         clock_file: clock.path(),
         database_timeout: "30s",
+        extra_toml: String::new(),
     };
 
     // `--no-migrate` really leaves a fresh database alone.

@@ -303,10 +303,19 @@ async fn record_and_answer(
     request: Request,
 ) -> Response {
     let line = format!("{} {}", request.method(), request.uri());
+    // Keys named `refused-…` are ones the exchange refuses (an auto-release that fails).
+    let refuse = request.uri().path().contains("/refused-");
     received
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .push(line);
+    if refuse {
+        return (
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            axum::Json(json!({ "upstream": "refused" })),
+        )
+            .into_response();
+    }
     axum::Json(json!({ "upstream": "ok" })).into_response()
 }
 
@@ -450,6 +459,15 @@ impl TestGate {
 
     pub fn advance(&self, by: Duration) {
         self.clock.advance(by);
+    }
+
+    /// One auto-release round, as each instance's worker runs it. Returns how many changes it
+    /// forwarded.
+    pub async fn auto_release_round(&self) -> usize {
+        let (_keep_running, stop) = tokio::sync::watch::channel(false);
+        stepgate::auto_release::release_due(&self.state, &stop)
+            .await
+            .expect("an auto-release round")
     }
 
     /// A link the gate made for `public_url` (`http://localhost:PORT/...`), pointed at the
@@ -706,6 +724,8 @@ database_url = "{database_url}"
 {admin}
 [limits]
 upstream_timeout = "5s"
+# Auto-release rounds are run by the tests themselves (`auto_release_round`).
+auto_release_interval = "1h"
 
 [webauthn]
 rp_id = "localhost"
@@ -732,6 +752,16 @@ when = [{{ pointer = "/permissions", contains = "withdraw" }}]
 cooling_off = "24h"
 confirm_within = "10m"
 summary = "Enable withdrawals on API key {{key_id}}"
+
+[[rules]]
+name = "auto-withdrawals"
+methods = ["PUT"]
+path = "/api/v1/auto-keys/{{key_id}}"
+when = [{{ pointer = "/permissions", contains = "withdraw" }}]
+cooling_off = "24h"
+confirm_within = "10m"
+summary = "Enable withdrawals on API key {{key_id}}"
+release = "auto"
 "#,
         upstream = upstream.addr,
         max_attempts = options.max_attempts,

@@ -13,6 +13,7 @@ mod harness;
 
 mod admin;
 mod audit;
+mod auto_release;
 mod cancel_link;
 mod freeze;
 mod webhooks;
