@@ -8,7 +8,9 @@ pub mod api;
 pub mod assets;
 pub mod cancel_link;
 pub mod gateway;
+pub mod openapi;
 pub mod pages;
+pub mod routes;
 
 use std::sync::Arc;
 
