@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::middleware::{from_fn, from_fn_with_state};
-use axum::routing::{get, post};
 use axum::Router;
 use tower_sessions::cookie::SameSite;
 use tower_sessions::{Expiry, SessionManagerLayer};
@@ -21,9 +20,10 @@ use crate::stepup::service::StepUpSettings;
 use crate::stepup::StepUp;
 use crate::store::sessions::DbSessionStore;
 use crate::store::Store;
+use crate::web::routes::{Listener, RegisteredRoute, Routes};
 use crate::web::{
-    api, assets, cancel_link, gateway, jwks, observe, pages, same_origin_only, security_headers,
-    AppInner, AppState,
+    api, assets, cancel_link, gateway, jwks, observe, openapi, pages, same_origin_only,
+    security_headers, AppInner, AppState,
 };
 
 /// Whether start-up applies database migrations (`serve --no-migrate` turns it off).
@@ -31,6 +31,64 @@ use crate::web::{
 pub enum Migrations {
     Apply,
     Skip,
+}
+
+/// The gate's own routes before layers and state, and the list of what they are.
+pub struct GateRoutes {
+    /// Pages and the JSON API: wrapped in the session, cross-site and page-security layers.
+    pub browser: Router<AppState>,
+    /// Routes outside those layers (no session, cacheable): the OpenAPI document.
+    pub public: Router<AppState>,
+    /// Every route of both routers, for the OpenAPI test.
+    pub registered: Vec<RegisteredRoute>,
+}
+
+/// Every route the gate serves itself (the rest goes to the proxy pipeline). A new route is
+/// one line here plus its entry in `web::openapi`, or the OpenAPI test fails.
+pub fn gate_routes() -> GateRoutes {
+    let (browser, mut registered) = Routes::new(Listener::Gate)
+        .get("/_stepgate/passkeys", pages::passkeys_page)
+        .get("/_stepgate/changes", pages::changes_page)
+        .get("/_stepgate/changes/{id}", pages::change_page)
+        .get("/_stepgate/static/{name}", assets::asset)
+        .post(
+            "/_stepgate/api/passkeys/register/start",
+            api::register_start,
+        )
+        .post(
+            "/_stepgate/api/passkeys/register/finish",
+            api::register_finish,
+        )
+        .get("/_stepgate/api/passkeys", api::list_passkeys)
+        .get("/_stepgate/api/account", api::account)
+        .post("/_stepgate/api/account/freeze", api::freeze)
+        .post("/_stepgate/api/account/unfreeze", api::unfreeze)
+        .get("/_stepgate/cancel/{id}", cancel_link::show)
+        .post("/_stepgate/cancel/{id}", cancel_link::cancel)
+        .post("/_stepgate/api/passkeys/{id}/rename", api::rename_passkey)
+        .post("/_stepgate/api/passkeys/{id}/remove", api::remove_passkey)
+        .get("/_stepgate/api/changes", api::list_changes)
+        .get("/_stepgate/api/changes/{id}", api::get_change)
+        .post(
+            "/_stepgate/api/changes/{id}/confirm/start",
+            api::confirm_start,
+        )
+        .post(
+            "/_stepgate/api/changes/{id}/confirm/finish",
+            api::confirm_finish,
+        )
+        .post("/_stepgate/api/changes/{id}/cancel", api::cancel)
+        .finish();
+    let (public, public_registered) = Routes::new(Listener::Gate)
+        .get(openapi::PATH, openapi::serve)
+        .get("/_stepgate/jwks.json", jwks::jwks)
+        .finish();
+    registered.extend(public_registered);
+    GateRoutes {
+        browser,
+        public,
+        registered,
+    }
 }
 
 /// Builds the whole gate: its router and the state behind it.
@@ -111,57 +169,21 @@ pub async fn build(
         .with_secure(secure_cookie)
         .with_expiry(Expiry::OnInactivity(time::Duration::hours(1)));
 
-    let gate = Router::new()
-        .route("/_stepgate/passkeys", get(pages::passkeys_page))
-        .route("/_stepgate/changes", get(pages::changes_page))
-        .route("/_stepgate/changes/{id}", get(pages::change_page))
-        .route("/_stepgate/static/{name}", get(assets::asset))
-        .route(
-            "/_stepgate/api/passkeys/register/start",
-            post(api::register_start),
-        )
-        .route(
-            "/_stepgate/api/passkeys/register/finish",
-            post(api::register_finish),
-        )
-        .route("/_stepgate/api/passkeys", get(api::list_passkeys))
-        .route("/_stepgate/api/account", get(api::account))
-        .route("/_stepgate/api/account/freeze", post(api::freeze))
-        .route("/_stepgate/api/account/unfreeze", post(api::unfreeze))
-        .route(
-            "/_stepgate/cancel/{id}",
-            get(cancel_link::show).post(cancel_link::cancel),
-        )
-        .route(
-            "/_stepgate/api/passkeys/{id}/rename",
-            post(api::rename_passkey),
-        )
-        .route(
-            "/_stepgate/api/passkeys/{id}/remove",
-            post(api::remove_passkey),
-        )
-        .route("/_stepgate/api/changes", get(api::list_changes))
-        .route("/_stepgate/api/changes/{id}", get(api::get_change))
-        .route(
-            "/_stepgate/api/changes/{id}/confirm/start",
-            post(api::confirm_start),
-        )
-        .route(
-            "/_stepgate/api/changes/{id}/confirm/finish",
-            post(api::confirm_finish),
-        )
-        .route("/_stepgate/api/changes/{id}/cancel", post(api::cancel))
+    let routes = gate_routes();
+    let gate = routes
+        .browser
         // Innermost first: the cross-site check refuses before any session work happens;
         // the security headers wrap everything, refusals included.
         .layer(from_fn_with_state(state.clone(), same_origin_only))
         .layer(sessions)
-        .layer(from_fn(security_headers));
+        .layer(from_fn(security_headers))
+        // Added after the layers, so not wrapped by them: the OpenAPI document and the JWKS
+        // are public, cacheable and need no session.
+        .merge(routes.public);
 
     // Everything that is not a gate route goes through the proxy pipeline. Gate layers do
     // not wrap it: pass-through answers are the upstream's, untouched.
-    // The JWKS is public and cacheable: outside the gate layers (no session, no `no-store`).
     let router = gate
-        .route("/_stepgate/jwks.json", get(jwks::jwks))
         .fallback(gateway::gateway)
         // Outermost, on gate routes and the proxy pipeline alike: every request gets an id, a
         // span and its metrics, refusals by inner layers included.

@@ -9,26 +9,34 @@
 use axum::extract::{Path, Request, State};
 use axum::middleware::{from_fn_with_state, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use http::header;
 use serde_json::{json, Value};
 
 use super::api::{change_json, passkey_json, started_change};
+use super::routes::{Listener, RegisteredRoute, Routes};
 use super::{ApiError, AppState};
 use crate::error::GateError;
 use crate::identity::UserId;
 
+/// The admin API's routes before layers and state, and the list of what they are. A new
+/// route is one line here plus its entry in `web::openapi`, or the OpenAPI test fails.
+pub fn admin_routes() -> (Router<AppState>, Vec<RegisteredRoute>) {
+    Routes::new(Listener::Admin)
+        .get("/admin/users/{user}/changes", user_changes)
+        .get("/admin/users/{user}/passkeys", user_passkeys)
+        .post("/admin/users/{user}/freeze", freeze)
+        .post("/admin/users/{user}/unfreeze", unfreeze)
+        .get("/admin/audit", audit)
+        .get("/admin/webhooks/dead", dead_letters)
+        .post("/admin/webhooks/{id}/retry", retry)
+        .finish()
+}
+
 /// The admin router; every route requires the bearer token.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/admin/users/{user}/changes", get(user_changes))
-        .route("/admin/users/{user}/passkeys", get(user_passkeys))
-        .route("/admin/users/{user}/freeze", post(freeze))
-        .route("/admin/users/{user}/unfreeze", post(unfreeze))
-        .route("/admin/audit", get(audit))
-        .route("/admin/webhooks/dead", get(dead_letters))
-        .route("/admin/webhooks/{id}/retry", post(retry))
+    admin_routes()
+        .0
         .layer(from_fn_with_state(state.clone(), require_token))
         .with_state(state)
 }

@@ -10,9 +10,11 @@ pub mod cancel_link;
 pub mod gateway;
 pub mod jwks;
 pub mod observe;
+pub mod openapi;
 pub mod ops;
 pub mod pages;
 pub mod request_id;
+pub mod routes;
 
 use std::sync::Arc;
 

@@ -8,20 +8,25 @@ use std::sync::atomic::Ordering;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::{Json, Router};
 use http::{header, HeaderValue, StatusCode};
 use serde_json::{json, Value};
 
+use super::routes::{Listener, RegisteredRoute, Routes};
 use super::AppState;
 use crate::proxy::ProxyError;
 
+/// The operator routes, before state, and the list of them (see `web::routes`).
+pub fn ops_routes() -> (Router<AppState>, Vec<RegisteredRoute>) {
+    Routes::new(Listener::Admin)
+        .get("/healthz", healthz)
+        .get("/readyz", readyz)
+        .get("/metrics", metrics)
+        .finish()
+}
+
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(state)
+    ops_routes().0.with_state(state)
 }
 
 async fn healthz() -> Response {

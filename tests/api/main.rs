@@ -2,6 +2,8 @@
 //! and stand-in exchange per test, a manual clock, and software passkeys as the users'
 //! authenticators.
 
+#[path = "../common/openapi_check.rs"]
+mod openapi_check;
 #[path = "../common/testdb.rs"]
 mod testdb;
 
@@ -35,6 +37,7 @@ mod concurrency;
 mod helpers;
 mod hold;
 mod identity;
+mod openapi;
 mod pages;
 mod passthrough;
 mod refusals;

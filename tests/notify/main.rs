@@ -6,6 +6,8 @@
 
 #[path = "../common/gate_client.rs"]
 mod gate_client;
+#[path = "../common/openapi_check.rs"]
+mod openapi_check;
 #[path = "../common/testdb.rs"]
 mod testdb;
 
@@ -16,6 +18,7 @@ mod audit;
 mod auto_release;
 mod cancel_link;
 mod freeze;
+mod openapi;
 mod webhooks;
 
 /// Runs each listed test once on SQLite and once on PostgreSQL, each on a fresh database.
