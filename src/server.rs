@@ -4,6 +4,13 @@
 //! The accept loop is our own rather than `axum::serve` because the connection limits live
 //! here: a client gets `header_timeout` to send its request head (slow-loris), and a head
 //! larger than `max_header_bytes` is answered 431 by hyper before any of our code runs.
+//!
+//! Connections are served thread-per-core, as nginx's workers are: each accepted connection is
+//! handed to one of [`ServingThreads`], a single-threaded runtime per core, and everything it
+//! starts (its upstream connections included, see `proxy`) stays on that thread. On one shared
+//! work-stealing runtime a proxied request hopped between threads several times (client
+//! connection task ↔ upstream connection task), and those wake-ups cost more than the proxying
+//! itself (BENCHMARKS.md).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -114,6 +121,7 @@ impl Server {
             .max_buf_size(limits.max_header_bytes)
             .keep_alive(true);
         let connections = GracefulShutdown::new();
+        let mut serving = ServingThreads::start()?;
         tokio::pin!(shutdown);
         loop {
             let accepted = tokio::select! {
@@ -130,15 +138,33 @@ impl Server {
                 }
             };
             let _ = stream.set_nodelay(true);
+            // Re-registered on the serving thread below, so its readiness events are that
+            // thread's own.
+            let stream = match stream.into_std() {
+                Ok(stream) => stream,
+                Err(error) => {
+                    tracing::debug!(%error, %peer, "could not hand a connection over");
+                    continue;
+                }
+            };
             let router = self.router.clone();
-            let service =
-                hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-                    request.extensions_mut().insert(ConnectInfo(peer));
-                    router.clone().oneshot(request.map(Body::new))
-                });
-            let connection =
-                connections.watch(http.serve_connection(TokioIo::new(stream), service));
-            tokio::spawn(async move {
+            let http = http.clone();
+            let watcher = connections.watcher();
+            serving.next().spawn(async move {
+                let stream = match tokio::net::TcpStream::from_std(stream) {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        tracing::debug!(%error, %peer, "could not serve a connection");
+                        return;
+                    }
+                };
+                let service =
+                    hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                        request.extensions_mut().insert(ConnectInfo(peer));
+                        router.clone().oneshot(request.map(Body::new))
+                    });
+                let connection =
+                    watcher.watch(http.serve_connection(TokioIo::new(stream), service));
                 if let Err(error) = connection.await {
                     tracing::debug!(%error, %peer, "connection ended with an error");
                 }
@@ -146,12 +172,56 @@ impl Server {
         }
         drop(self.listener);
         connections.shutdown().await;
+        drop(serving);
         sweeper.abort();
         sender.abort();
         if let Some(admin) = admin {
             admin.abort();
         }
         Ok(())
+    }
+}
+
+/// One single-threaded runtime per core, each on its own thread, taking connections in turn.
+/// Dropping this (or the future holding it) stops the threads and everything on them.
+struct ServingThreads {
+    handles: Vec<tokio::runtime::Handle>,
+    /// Each thread runs until its sender is dropped.
+    _stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    next: usize,
+}
+
+impl ServingThreads {
+    fn start() -> std::io::Result<ServingThreads> {
+        let count = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut handles = Vec::with_capacity(count);
+        let mut stops = Vec::with_capacity(count);
+        for n in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            handles.push(runtime.handle().clone());
+            stops.push(stop);
+            std::thread::Builder::new()
+                .name(format!("stepgate-serve-{n}"))
+                .spawn(move || {
+                    runtime.block_on(async {
+                        let _ = stopped.await;
+                    });
+                })?;
+        }
+        Ok(ServingThreads {
+            handles,
+            _stops: stops,
+            next: 0,
+        })
+    }
+
+    /// The thread for the next connection: round robin, as nginx's accept spreads them.
+    fn next(&mut self) -> &tokio::runtime::Handle {
+        self.next = (self.next + 1) % self.handles.len();
+        &self.handles[self.next]
     }
 }
 
