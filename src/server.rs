@@ -6,8 +6,10 @@
 //! larger than `max_header_bytes` is answered 431 by hyper before any of our code runs.
 //!
 //! Connections are served thread-per-core, as nginx's workers are: each accepted connection is
-//! handed to one of [`ServingThreads`], a single-threaded runtime per core, and everything it
-//! starts (its upstream connections included, see `proxy`) stays on that thread. On one shared
+//! handed to one of the process's serving threads, a single-threaded runtime per core, and
+//! everything it starts (its upstream connections included, see `proxy`) stays on that thread.
+//! The threads live as long as the process: database connections opened from a request are
+//! registered with their runtime and must stay usable after a server stops. On one shared
 //! work-stealing runtime a proxied request hopped between threads several times (client
 //! connection task ↔ upstream connection task), and those wake-ups cost more than the proxying
 //! itself (BENCHMARKS.md).
@@ -121,7 +123,8 @@ impl Server {
             .max_buf_size(limits.max_header_bytes)
             .keep_alive(true);
         let connections = GracefulShutdown::new();
-        let mut serving = ServingThreads::start()?;
+        let serving = serving_threads()?;
+        let mut next_thread = 0usize;
         tokio::pin!(shutdown);
         loop {
             let accepted = tokio::select! {
@@ -150,7 +153,8 @@ impl Server {
             let router = self.router.clone();
             let http = http.clone();
             let watcher = connections.watcher();
-            serving.next().spawn(async move {
+            next_thread = (next_thread + 1) % serving.len();
+            serving[next_thread].spawn(async move {
                 let stream = match tokio::net::TcpStream::from_std(stream) {
                     Ok(stream) => stream,
                     Err(error) => {
@@ -172,7 +176,6 @@ impl Server {
         }
         drop(self.listener);
         connections.shutdown().await;
-        drop(serving);
         sweeper.abort();
         sender.abort();
         if let Some(admin) = admin {
@@ -182,47 +185,26 @@ impl Server {
     }
 }
 
-/// One single-threaded runtime per core, each on its own thread, taking connections in turn.
-/// Dropping this (or the future holding it) stops the threads and everything on them.
-struct ServingThreads {
-    handles: Vec<tokio::runtime::Handle>,
-    /// Each thread runs until its sender is dropped.
-    _stops: Vec<tokio::sync::oneshot::Sender<()>>,
-    next: usize,
-}
-
-impl ServingThreads {
-    fn start() -> std::io::Result<ServingThreads> {
-        let count = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut handles = Vec::with_capacity(count);
-        let mut stops = Vec::with_capacity(count);
-        for n in 0..count {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            handles.push(runtime.handle().clone());
-            stops.push(stop);
-            std::thread::Builder::new()
-                .name(format!("stepgate-serve-{n}"))
-                .spawn(move || {
-                    runtime.block_on(async {
-                        let _ = stopped.await;
-                    });
-                })?;
-        }
-        Ok(ServingThreads {
-            handles,
-            _stops: stops,
-            next: 0,
-        })
+/// The process's serving threads: one single-threaded runtime per core, started on first use
+/// and shared by every server in the process (tests run many), each taking connections in turn.
+fn serving_threads() -> std::io::Result<&'static [tokio::runtime::Handle]> {
+    static THREADS: std::sync::OnceLock<Vec<tokio::runtime::Handle>> = std::sync::OnceLock::new();
+    if let Some(handles) = THREADS.get() {
+        return Ok(handles);
     }
-
-    /// The thread for the next connection: round robin, as nginx's accept spreads them.
-    fn next(&mut self) -> &tokio::runtime::Handle {
-        self.next = (self.next + 1) % self.handles.len();
-        &self.handles[self.next]
+    let count = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut handles = Vec::with_capacity(count);
+    for n in 0..count {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        handles.push(runtime.handle().clone());
+        std::thread::Builder::new()
+            .name(format!("stepgate-serve-{n}"))
+            .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
     }
+    // Two servers starting at once may both get here; the loser's threads idle, harmlessly.
+    Ok(THREADS.get_or_init(|| handles))
 }
 
 /// Delivers queued webhooks, every second; every instance may, each row goes out under a lease.

@@ -88,10 +88,14 @@ pub struct Outgoing {
 
 type UpstreamClient = Client<HttpConnector, Body>;
 
+/// This thread's client for one [`Upstream`], with a weak handle on that upstream's liveness
+/// so a stopped gate's entry can be dropped.
+type ThreadClient = (u64, std::sync::Weak<()>, UpstreamClient);
+
 thread_local! {
-    /// This thread's client per upstream, by [`Upstream::id`]. A handful at most: one per
-    /// gate running in the process.
-    static CLIENTS: std::cell::RefCell<Vec<(u64, UpstreamClient)>> =
+    /// This thread's client per live upstream, by [`Upstream::id`]: one per gate running in
+    /// the process (the serving threads outlive any one gate).
+    static CLIENTS: std::cell::RefCell<Vec<ThreadClient>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -101,6 +105,8 @@ static NEXT_UPSTREAM_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::Atomi
 #[derive(Clone)]
 pub struct Upstream {
     id: u64,
+    /// Alive while any clone of this upstream is: per-thread clients of dead ones are dropped.
+    alive: std::sync::Arc<()>,
     connect_timeout: Duration,
     scheme_authority: String,
     base_path: String,
@@ -117,6 +123,7 @@ impl Upstream {
         let public_authority = authority_of(&config.public_url)?;
         Ok(Self {
             id: NEXT_UPSTREAM_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            alive: std::sync::Arc::new(()),
             connect_timeout: config.limits.connect_timeout,
             scheme_authority: format!("{}://{}", upstream.scheme(), authority),
             base_path: upstream.path().trim_end_matches('/').to_string(),
@@ -133,9 +140,10 @@ impl Upstream {
     fn client(&self) -> UpstreamClient {
         CLIENTS.with(|clients| {
             let mut clients = clients.borrow_mut();
-            if let Some((_, client)) = clients.iter().find(|(id, _)| *id == self.id) {
+            if let Some((_, _, client)) = clients.iter().find(|(id, _, _)| *id == self.id) {
                 return client.clone();
             }
+            clients.retain(|(_, alive, _)| alive.strong_count() > 0);
             let mut connector = HttpConnector::new();
             connector.set_connect_timeout(Some(self.connect_timeout));
             connector.set_nodelay(true);
@@ -143,7 +151,11 @@ impl Upstream {
                 .pool_idle_timeout(Duration::from_secs(90))
                 .pool_max_idle_per_host(256)
                 .build(connector);
-            clients.push((self.id, client.clone()));
+            clients.push((
+                self.id,
+                std::sync::Arc::downgrade(&self.alive),
+                client.clone(),
+            ));
             client
         })
     }
