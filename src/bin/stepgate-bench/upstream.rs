@@ -12,7 +12,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-/// The small answer: about the size of a typical exchange API JSON reply header-only body.
+/// The small answer: a short JSON body, so the small-GET figures measure the proxy hop.
 const SMALL: &[u8] = b"{\"ok\":true}\n";
 
 /// 1 MiB: the large-body workload's response size.
