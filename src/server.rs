@@ -4,6 +4,15 @@
 //! The accept loop is our own rather than `axum::serve` because the connection limits live
 //! here: a client gets `header_timeout` to send its request head (slow-loris), and a head
 //! larger than `max_header_bytes` is answered 431 by hyper before any of our code runs.
+//!
+//! Connections are served thread-per-core, as nginx's workers are: each accepted connection is
+//! handed to one of the process's serving threads, a single-threaded runtime per core, and
+//! everything it starts (its upstream connections included, see `proxy`) stays on that thread.
+//! The threads live as long as the process: database connections opened from a request are
+//! registered with their runtime and must stay usable after a server stops. On one shared
+//! work-stealing runtime a proxied request hopped between threads several times (client
+//! connection task ↔ upstream connection task), and those wake-ups cost more than the proxying
+//! itself (BENCHMARKS.md).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -124,6 +133,8 @@ impl Server {
             .max_buf_size(limits.max_header_bytes)
             .keep_alive(true);
         let connections = GracefulShutdown::new();
+        let serving = serving_threads()?;
+        let mut next_thread = 0usize;
         tokio::pin!(shutdown);
         loop {
             let accepted = tokio::select! {
@@ -140,15 +151,34 @@ impl Server {
                 }
             };
             let _ = stream.set_nodelay(true);
+            // Re-registered on the serving thread below, so its readiness events are that
+            // thread's own.
+            let stream = match stream.into_std() {
+                Ok(stream) => stream,
+                Err(error) => {
+                    tracing::debug!(%error, %peer, "could not hand a connection over");
+                    continue;
+                }
+            };
             let router = self.router.clone();
-            let service =
-                hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-                    request.extensions_mut().insert(ConnectInfo(peer));
-                    router.clone().oneshot(request.map(Body::new))
-                });
-            let connection =
-                connections.watch(http.serve_connection(TokioIo::new(stream), service));
-            tokio::spawn(async move {
+            let http = http.clone();
+            let watcher = connections.watcher();
+            next_thread = (next_thread + 1) % serving.len();
+            serving[next_thread].spawn(async move {
+                let stream = match tokio::net::TcpStream::from_std(stream) {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        tracing::debug!(%error, %peer, "could not serve a connection");
+                        return;
+                    }
+                };
+                let service =
+                    hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                        request.extensions_mut().insert(ConnectInfo(peer));
+                        router.clone().oneshot(request.map(Body::new))
+                    });
+                let connection =
+                    watcher.watch(http.serve_connection(TokioIo::new(stream), service));
                 if let Err(error) = connection.await {
                     tracing::debug!(%error, %peer, "connection ended with an error");
                 }
@@ -193,6 +223,28 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// The process's serving threads: one single-threaded runtime per core, started on first use
+/// and shared by every server in the process (tests run many), each taking connections in turn.
+fn serving_threads() -> std::io::Result<&'static [tokio::runtime::Handle]> {
+    static THREADS: std::sync::OnceLock<Vec<tokio::runtime::Handle>> = std::sync::OnceLock::new();
+    if let Some(handles) = THREADS.get() {
+        return Ok(handles);
+    }
+    let count = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut handles = Vec::with_capacity(count);
+    for n in 0..count {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        handles.push(runtime.handle().clone());
+        std::thread::Builder::new()
+            .name(format!("stepgate-serve-{n}"))
+            .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+    }
+    // Two servers starting at once may both get here; the loser's threads idle, harmlessly.
+    Ok(THREADS.get_or_init(|| handles))
 }
 
 /// Delivers queued webhooks, every second; every instance may, each row goes out under a lease.

@@ -1,6 +1,10 @@
 //! The upstream side: one pooled HTTP/1.1 client built at start-up, header hygiene in both
 //! directions, and upstream failures turned into errors that blame the upstream (502/504),
 //! never the gate. Bodies are streamed; nothing here buffers.
+//!
+//! The pool is per thread: the server serves each connection on one thread (thread-per-core),
+//! and an upstream connection reused from another thread would wake that thread twice per
+//! request. Each thread keeps its own pooled client for each [`Upstream`].
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -87,9 +91,28 @@ pub struct Outgoing {
     pub approval: Option<String>,
 }
 
+type UpstreamClient = Client<HttpConnector, Body>;
+
+/// This thread's client for one [`Upstream`], with a weak handle on that upstream's liveness
+/// so a stopped gate's entry can be dropped.
+type ThreadClient = (u64, std::sync::Weak<()>, UpstreamClient);
+
+thread_local! {
+    /// This thread's client per live upstream, by [`Upstream::id`]: one per gate running in
+    /// the process (the serving threads outlive any one gate).
+    static CLIENTS: std::cell::RefCell<Vec<ThreadClient>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Tells one [`Upstream`]'s per-thread clients from another's (tests run several gates).
+static NEXT_UPSTREAM_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
+    id: u64,
+    /// Alive while any clone of this upstream is: per-thread clients of dead ones are dropped.
+    alive: std::sync::Arc<()>,
+    connect_timeout: Duration,
     scheme_authority: String,
     base_path: String,
     host: HeaderValue,
@@ -98,23 +121,17 @@ pub struct Upstream {
     timeout: Duration,
     /// `host:port` of the upstream (default port filled in), for readiness probes.
     probe_address: String,
-    connect_timeout: Duration,
 }
 
 impl Upstream {
     pub fn new(config: &Config) -> Result<Self, String> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.limits.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .build(connector);
         let upstream: &Url = &config.upstream;
         let authority = authority_of(upstream)?;
         let public_authority = authority_of(&config.public_url)?;
         Ok(Self {
-            client,
+            id: NEXT_UPSTREAM_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            alive: std::sync::Arc::new(()),
+            connect_timeout: config.limits.connect_timeout,
             scheme_authority: format!("{}://{}", upstream.scheme(), authority),
             base_path: upstream.path().trim_end_matches('/').to_string(),
             host: HeaderValue::from_str(&authority).map_err(|e| e.to_string())?,
@@ -127,7 +144,6 @@ impl Upstream {
                 upstream.host_str().ok_or("URL has no host")?,
                 upstream.port_or_known_default().unwrap_or(80)
             ),
-            connect_timeout: config.limits.connect_timeout,
         })
     }
 
@@ -144,6 +160,31 @@ impl Upstream {
             Ok(Err(error)) => Err(ProxyError::Unreachable(error.to_string())),
             Err(_) => Err(ProxyError::Timeout),
         }
+    }
+
+    /// This thread's pooled client (HTTP/1.1, TCP_NODELAY, up to 256 idle connections kept
+    /// 90 s), made on the thread's first forward.
+    fn client(&self) -> UpstreamClient {
+        CLIENTS.with(|clients| {
+            let mut clients = clients.borrow_mut();
+            if let Some((_, _, client)) = clients.iter().find(|(id, _, _)| *id == self.id) {
+                return client.clone();
+            }
+            clients.retain(|(_, alive, _)| alive.strong_count() > 0);
+            let mut connector = HttpConnector::new();
+            connector.set_connect_timeout(Some(self.connect_timeout));
+            connector.set_nodelay(true);
+            let client = Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(256)
+                .build(connector);
+            clients.push((
+                self.id,
+                std::sync::Arc::downgrade(&self.alive),
+                client.clone(),
+            ));
+            client
+        })
     }
 
     /// Sends one request and returns the upstream's answer with its body still streaming.
@@ -177,13 +218,13 @@ impl Upstream {
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
 
-        let response = match tokio::time::timeout(self.timeout, self.client.request(request)).await
-        {
-            Err(_) => return Err(ProxyError::Timeout),
-            Ok(Err(e)) if e.is_connect() => return Err(ProxyError::Unreachable(e.to_string())),
-            Ok(Err(e)) => return Err(ProxyError::Failed(e.to_string())),
-            Ok(Ok(response)) => response,
-        };
+        let response =
+            match tokio::time::timeout(self.timeout, self.client().request(request)).await {
+                Err(_) => return Err(ProxyError::Timeout),
+                Ok(Err(e)) if e.is_connect() => return Err(ProxyError::Unreachable(e.to_string())),
+                Ok(Err(e)) => return Err(ProxyError::Failed(e.to_string())),
+                Ok(Ok(response)) => response,
+            };
         let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, Body::new(body)))

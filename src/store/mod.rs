@@ -246,6 +246,10 @@ impl Store {
                         Ok(())
                     })
                 });
+                // A SQLite connection is a file handle: it cannot die while idle the way a
+                // socket to a restarted server can, so the ping before every acquire (one more
+                // round trip to sqlx's SQLite thread for every query) buys nothing here.
+                options = options.test_before_acquire(false);
                 if is_sqlite_memory(url) {
                     // Every connection to `:memory:` is a separate empty database, so keep
                     // exactly one, forever.

@@ -10,7 +10,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -360,15 +360,41 @@ async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<B
     if declared.is_some_and(|length| length > limit as u64) {
         return Err(GateError::BodyTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(GateError::BodyTooLarge { limit })
+    let mut body = body;
+    let mut collected = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|error| {
+            GateError::BadRequest(format!("the request body could not be read: {error}"))
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if collected.len() + data.len() > limit {
+            drain_briefly(body).await;
+            return Err(GateError::BodyTooLarge { limit });
         }
-        Err(error) => Err(GateError::BadRequest(format!(
-            "the request body could not be read: {error}"
-        ))),
+        collected.extend_from_slice(&data);
     }
+    Ok(collected.freeze())
+}
+
+/// Reads and discards a little more of a refused body before the 413 goes out. The connection
+/// is closed after the answer (the body was not read to its end), and closing a socket with
+/// unread data makes the kernel reset it, which can destroy the 413 before the client reads
+/// it. A client streaming a slightly oversized body then sees the answer (nginx's lingering
+/// close does the same); one streaming without end is cut off after 1 MiB or 1 s.
+async fn drain_briefly(mut body: Body) {
+    const DRAIN_BYTES: usize = 1 << 20;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let mut drained = 0;
+        while let Some(Ok(frame)) = body.frame().await {
+            drained += frame.data_ref().map_or(0, |data| data.len());
+            if drained > DRAIN_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Two copies of a header that decides how the body is read could be read differently by us
