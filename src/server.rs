@@ -101,8 +101,9 @@ impl Server {
     /// Serves until `shutdown` completes, then stops accepting and lets in-flight requests
     /// finish for up to `limits.shutdown_grace` (idle keep-alive connections are closed at
     /// once). Nothing about changes lives in memory, so a held or cooling-off change is
-    /// picked up by the next process as it was. Meanwhile the instance sweeps lapsed changes every `sweep_interval`; every
-    /// instance may do so, and each change is expired exactly once.
+    /// picked up by the next process as it was. Meanwhile the instance sweeps lapsed changes
+    /// every `sweep_interval`; every instance may do so, and each change is expired exactly
+    /// once.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
