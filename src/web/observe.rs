@@ -40,13 +40,13 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
         .extensions()
         .get::<MatchedPath>()
         .map(|matched| matched.as_str().to_owned());
-    // The query is left out on purpose: it can carry tokens (the cancel link's, for one).
-    let span = tracing::info_span!(
-        "request",
-        request_id = %id,
-        method = %request.method(),
-        path = %request.uri().path(),
-    );
+    // Only the id is a span field: the subscriber formats span fields when the span is made,
+    // on every request, while method and path are needed only by the lines below.
+    let span = tracing::info_span!("request", request_id = %id);
+    let method = request.method().clone();
+    // A cheap clone (shared bytes). Only its path is logged: the query can carry tokens
+    // (the cancel link's, for one).
+    let uri = request.uri().clone();
     let mut response = request_id::scope(id, next.run(request).instrument(span.clone())).await;
     let took = started.elapsed();
     if let Some(value) = header_value {
@@ -73,7 +73,7 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
                 state.metrics.record_ceremony(ceremony, outcome);
             }
             let _entered = span.enter();
-            tracing::info!(status, route = %route, duration_ms = millis, "request finished");
+            tracing::info!(%method, path = uri.path(), status, route = %route, duration_ms = millis, "request finished");
         }
         None => {
             let outcome = match (response.extensions().get::<Outcome>(), error) {

@@ -29,8 +29,14 @@ impl RequestId {
         }
     }
 
+    /// A random UUID from the thread's cryptographic RNG: unguessable enough for an id that
+    /// is no secret, without the system call `Uuid::new_v4` makes on every request.
     pub fn generate() -> RequestId {
-        RequestId(Arc::from(uuid::Uuid::new_v4().to_string()))
+        use rand::RngCore;
+        let mut bytes = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut bytes);
+        let id = uuid::Builder::from_random_bytes(bytes).into_uuid();
+        RequestId(Arc::from(id.hyphenated().to_string()))
     }
 
     pub fn as_str(&self) -> &str {
