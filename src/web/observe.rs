@@ -91,6 +91,8 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
             // would cost more than the forward itself.
             if outcome == Outcome::Passed {
                 tracing::debug!(
+                    %method,
+                    path = uri.path(),
                     status,
                     outcome = outcome.as_str(),
                     duration_ms = millis,
@@ -98,6 +100,8 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
                 );
             } else {
                 tracing::info!(
+                    %method,
+                    path = uri.path(),
                     status,
                     outcome = outcome.as_str(),
                     duration_ms = millis,

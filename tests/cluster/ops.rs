@@ -429,6 +429,18 @@ async fn every_log_line_of_a_request_has_its_id_and_no_secret_header() {
         "{messages:?}"
     );
     assert!(messages.contains(&"request finished"), "{messages:?}");
+    // The access line says what the request was (method and path; never the query).
+    let finished = hold_lines
+        .iter()
+        .find(|line| line["fields"]["message"] == "request finished")
+        .expect("the hold's access line");
+    assert_eq!(finished["fields"]["method"], "PUT", "{finished}");
+    assert_eq!(
+        finished["fields"]["path"],
+        api.path_and_query.as_str(),
+        "{finished}"
+    );
+    assert_eq!(finished["fields"]["outcome"], "held", "{finished}");
     // Whatever mentions the change was logged inside the hold's request.
     for line in &lines {
         if line.to_string().contains(&change)
