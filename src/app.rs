@@ -22,8 +22,8 @@ use crate::store::sessions::DbSessionStore;
 use crate::store::Store;
 use crate::web::routes::{Listener, RegisteredRoute, Routes};
 use crate::web::{
-    api, assets, cancel_link, gateway, jwks, observe, openapi, pages, same_origin_only,
-    security_headers, AppInner, AppState,
+    api, assets, cancel_link, dispatch::Gate, gateway, jwks, observe, openapi, pages,
+    same_origin_only, security_headers, AppInner, AppState,
 };
 
 /// Whether start-up applies database migrations (`serve --no-migrate` turns it off).
@@ -96,7 +96,7 @@ pub async fn build(
     config: Config,
     clock: Arc<dyn Clock>,
     migrations: Migrations,
-) -> anyhow::Result<(Router, AppState)> {
+) -> anyhow::Result<Gate> {
     let store =
         Store::connect_with_timeout(&config.database_url, config.limits.database_timeout).await?;
     if migrations == Migrations::Apply {
@@ -189,5 +189,5 @@ pub async fn build(
         // span and its metrics, refusals by inner layers included.
         .layer(from_fn_with_state(state.clone(), observe::observe))
         .with_state(state.clone());
-    Ok((router, state))
+    Ok(Gate::new(router, state))
 }

@@ -7,6 +7,7 @@
 //! again with the same key). The user hears `change.auto_released` or `change.auto_release_failed`.
 
 use axum::body::Body;
+use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use tokio::sync::watch;
 
@@ -178,7 +179,7 @@ fn rebuild(state: &AppState, change: &Change, approval: String) -> Result<Outgoi
     }
     Ok(Outgoing {
         method,
-        path_and_query,
+        path_and_query: PathAndQuery::try_from(path_and_query).map_err(|e| e.to_string())?,
         headers,
         body: Body::from(change.body.clone()),
         client_ip: None,

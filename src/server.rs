@@ -20,23 +20,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::ConnectInfo;
-use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tower::ServiceExt;
 
 use crate::app::{self, Migrations};
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::web::dispatch::Gate;
 use crate::web::AppState;
 
 pub struct Server {
     listener: TcpListener,
-    router: Router,
-    state: AppState,
+    gate: Gate,
     local_addr: SocketAddr,
     admin: Option<(TcpListener, SocketAddr)>,
 }
@@ -60,7 +57,7 @@ impl Server {
     ) -> anyhow::Result<Server> {
         let local_addr = listener.local_addr()?;
         let admin_listen = config.admin.as_ref().map(|admin| admin.listen);
-        let (router, state) = app::build(config, clock, migrations).await?;
+        let gate = app::build(config, clock, migrations).await?;
         let admin = match admin_listen {
             Some(addr) => {
                 let admin_listener = TcpListener::bind(addr).await.map_err(|e| {
@@ -73,8 +70,7 @@ impl Server {
         };
         Ok(Server {
             listener,
-            router,
-            state,
+            gate,
             local_addr,
             admin,
         })
@@ -85,7 +81,7 @@ impl Server {
     }
 
     pub fn state(&self) -> &AppState {
-        &self.state
+        self.gate.state()
     }
 
     /// Where the admin API listens, when configured.
@@ -108,26 +104,25 @@ impl Server {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let sweeper = tokio::spawn(sweep_forever(self.state.clone()));
-        let sender = tokio::spawn(deliver_forever(self.state.clone()));
+        let state = self.gate.state().clone();
+        let sweeper = tokio::spawn(sweep_forever(state.clone()));
+        let sender = tokio::spawn(deliver_forever(state.clone()));
         // Told to stop rather than aborted, so a forward in flight records its outcome.
         let (stop_auto_release, auto_release_stop) = tokio::sync::watch::channel(false);
-        let auto_releaser = tokio::spawn(crate::auto_release::run(
-            self.state.clone(),
-            auto_release_stop,
-        ));
+        let auto_releaser =
+            tokio::spawn(crate::auto_release::run(state.clone(), auto_release_stop));
         // The admin API has its own listener so it can stay off the public network.
         // The operator endpoints (health, readiness, metrics) share it, without the token.
         let admin = self.admin.map(|(listener, _)| {
-            let router = crate::web::admin::router(self.state.clone())
-                .merge(crate::web::ops::router(self.state.clone()));
+            let router = crate::web::admin::router(state.clone())
+                .merge(crate::web::ops::router(state.clone()));
             tokio::spawn(async move {
                 if let Err(error) = axum::serve(listener, router).await {
                     tracing::error!(%error, "the admin API stopped");
                 }
             })
         });
-        let limits = &self.state.config.limits;
+        let limits = &state.config.limits;
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
@@ -161,7 +156,7 @@ impl Server {
                     continue;
                 }
             };
-            let router = self.router.clone();
+            let gate = self.gate.clone();
             let http = http.clone();
             let watcher = connections.watcher();
             next_thread = (next_thread + 1) % serving.len();
@@ -174,9 +169,12 @@ impl Server {
                     }
                 };
                 let service =
-                    hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-                        request.extensions_mut().insert(ConnectInfo(peer));
-                        router.clone().oneshot(request.map(Body::new))
+                    hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+                        let gate = gate.clone();
+                        async move {
+                            let response = gate.serve(peer, request.map(Body::new)).await;
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
                     });
                 let connection =
                     watcher.watch(http.serve_connection(TokioIo::new(stream), service));
@@ -188,10 +186,10 @@ impl Server {
         drop(self.listener);
         // No new auto-releases from now on; one in flight may finish (bounded below).
         let _ = stop_auto_release.send(true);
-        self.state
+        state
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        let grace = self.state.config.limits.shutdown_grace;
+        let grace = state.config.limits.shutdown_grace;
         tracing::info!(
             grace_seconds = grace.as_secs_f64(),
             "shutting down: no new connections; finishing requests in flight"

@@ -352,7 +352,10 @@ pub fn may_override_method(
     *method == Method::HEAD
         || *method == Method::OPTIONS
         || method.as_str().bytes().any(|b| b.is_ascii_lowercase())
-        || METHOD_OVERRIDE_HEADERS.iter().any(|h| headers.contains_key(*h))
+        // One pass over the (few) names present instead of parsing and hashing each override.
+        || headers
+            .keys()
+            .any(|name| METHOD_OVERRIDE_HEADERS.contains(&name.as_str()))
         // Conservative: any escape could spell `_method`, so it takes the careful path too.
         || query.is_some_and(|q| {
             q.contains('%') || q.as_bytes().windows(6).any(|w| w.eq_ignore_ascii_case(b"method"))

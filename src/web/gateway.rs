@@ -3,12 +3,14 @@
 //! (protected) identify the caller, read the body within the limit, then hold, release or
 //! pass through. Protected routes fail closed: any error answers, nothing is forwarded.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use http::uri::PathAndQuery;
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::json;
@@ -20,18 +22,23 @@ use crate::error::GateError;
 use crate::metrics::Outcome;
 use crate::policy::{
     canonical_path, decide, may_override_method, methods_to_match, BodyError, BodyView, Decision,
-    PathError,
+    PathError, RouteMatch,
 };
 use crate::proxy::{strip_underscore_twins, Outgoing, ProxyError, STEPGATE_CHANGE};
 use crate::stepup::{Change, Event, HeldRequest};
 
-/// The router's fallback: everything outside the gate's own routes comes here.
+/// The router's fallback: a path in the gate's namespace that is none of its routes.
 pub async fn gateway(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Response {
-    match handle(&state, peer, request).await {
+    answer(&state, peer, request).await
+}
+
+/// Everything outside the gate's own routes (`web::dispatch` sends it here directly).
+pub async fn answer(state: &AppState, peer: SocketAddr, request: Request) -> Response {
+    match handle(state, peer, request).await {
         Ok((outcome, mut response)) => {
             // For the metrics and the access log (see `web::observe`).
             response.extensions_mut().insert(outcome);
@@ -89,14 +96,23 @@ async fn handle(
         return Err(GateError::NotFound);
     }
     let query = parts.uri.query();
-    let path_and_query = match query {
-        Some(q) => format!("{path}?{q}"),
-        None => path.to_string(),
+    let path_and_query = match (&path, parts.uri.path_and_query()) {
+        // Canonicalisation changed nothing: forward the request's own target (shared bytes).
+        (Cow::Borrowed(_), Some(original)) => original.clone(),
+        _ => {
+            let rebuilt = match query {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            };
+            PathAndQuery::try_from(rebuilt).map_err(|_| {
+                GateError::BadRequest("the request target cannot be forwarded".into())
+            })?
+        }
     };
     let release_of = parts.headers.get(STEPGATE_CHANGE).cloned();
     let rules = &state.config.rules;
     // Almost every request has one method to match; only overrides and HEAD/OPTIONS allocate.
-    let mut candidates = if may_override_method(&parts.method, &parts.headers, query) {
+    let candidates = if may_override_method(&parts.method, &parts.headers, query) {
         let methods = methods_to_match(&parts.method, &parts.headers, query);
         let methods: Vec<&Method> = methods.iter().collect();
         rules.candidates(&methods, &path)
@@ -115,6 +131,45 @@ async fn handle(
         return passed(forward(state, parts, path_and_query, body, peer, None).await);
     }
 
+    // The rest has its own (boxed) future: its state is large, and inline it would be part of
+    // every pass-through request's future too, and moved along with it.
+    let matched = Matched {
+        path: path.into_owned(),
+        path_and_query,
+        release_of,
+        candidates,
+        form_method_override,
+    };
+    Box::pin(protected(state, peer, parts, body, matched)).await
+}
+
+/// What the classification found for a request that is not simply passed through.
+struct Matched<'a> {
+    path: String,
+    path_and_query: PathAndQuery,
+    release_of: Option<HeaderValue>,
+    candidates: Vec<RouteMatch<'a>>,
+    form_method_override: bool,
+}
+
+/// A request on a protected route, or a release: identify the caller, read the body within
+/// the limit, then hold, release or pass through.
+async fn protected(
+    state: &AppState,
+    peer: SocketAddr,
+    mut parts: http::request::Parts,
+    body: Body,
+    matched: Matched<'_>,
+) -> Result<(Outcome, Response), GateError> {
+    let Matched {
+        path,
+        path_and_query,
+        release_of,
+        mut candidates,
+        form_method_override,
+    } = matched;
+    let rules = &state.config.rules;
+    let query = parts.uri.query();
     refuse_connection_tricks(&parts.headers)?;
     let user = state
         .config
@@ -254,7 +309,7 @@ pub struct Release {
 async fn forward(
     state: &AppState,
     parts: http::request::Parts,
-    path_and_query: String,
+    path_and_query: PathAndQuery,
     body: Body,
     peer: SocketAddr,
     release: Option<Release>,

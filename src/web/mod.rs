@@ -7,6 +7,7 @@ pub mod admin;
 pub mod api;
 pub mod assets;
 pub mod cancel_link;
+pub mod dispatch;
 pub mod gateway;
 pub mod jwks;
 pub mod observe;

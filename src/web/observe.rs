@@ -6,12 +6,12 @@
 //! pipeline's [`Outcome`], an error's [`ErrorMarker`]); this layer reads the markers, so the
 //! handlers need no metrics code of their own.
 
+use std::future::Future;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use http::HeaderName;
 use tracing::Instrument;
 
 use super::request_id::{self, RequestId};
@@ -26,20 +26,40 @@ pub struct ErrorMarker {
     pub database: bool,
 }
 
-pub async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let id = RequestId::from_headers(request.headers());
-    let header_value = id.header_value();
-    // The upstream sees the same id as our logs, whether the edge sent it or we made it.
-    if let Some(value) = &header_value {
-        request
-            .headers_mut()
-            .insert(HeaderName::from_static(request_id::HEADER), value.clone());
-    }
+/// The layer on the gate's own routes (and the router's fallback), which knows the route.
+pub async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map(|matched| matched.as_str().to_owned());
+    watch(&state, route, request, |request| next.run(request)).await
+}
+
+/// Runs `serve` on `request` inside the request's id, span, metrics and access line. `route`
+/// is the gate route's template, `None` for the proxy pipeline. The layer above and the
+/// server's direct path to the proxy pipeline (`app::Gate`) both come here.
+pub async fn watch<F, Fut>(
+    state: &AppState,
+    route: Option<String>,
+    mut request: Request,
+    serve: F,
+) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
+    let started = Instant::now();
+    let id = RequestId::from_headers(request.headers());
+    let header_value = id.header_value();
+    // The upstream sees the same id as our logs, whether the edge sent it or we made it.
+    // Room for this and the X-Forwarded-* headers the proxy adds, so the map grows (and
+    // rehashes) once rather than once per header.
+    request.headers_mut().reserve(6);
+    if let Some(value) = &header_value {
+        request
+            .headers_mut()
+            .insert(request_id::HEADER_NAME, value.clone());
+    }
     // Only the id is a span field: the subscriber formats span fields when the span is made,
     // on every request, while method and path are needed only by the lines below.
     let span = tracing::info_span!("request", request_id = %id);
@@ -47,12 +67,12 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
     // A cheap clone (shared bytes). Only its path is logged: the query can carry tokens
     // (the cancel link's, for one).
     let uri = request.uri().clone();
-    let mut response = request_id::scope(id, next.run(request).instrument(span.clone())).await;
+    let mut response = request_id::scope(id, serve(request).instrument(span.clone())).await;
     let took = started.elapsed();
     if let Some(value) = header_value {
         response
             .headers_mut()
-            .insert(HeaderName::from_static(request_id::HEADER), value);
+            .insert(request_id::HEADER_NAME, value);
     }
 
     let status = response.status().as_u16();

@@ -5,9 +5,10 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 pub const HEADER: &str = "x-request-id";
+pub const HEADER_NAME: HeaderName = HeaderName::from_static(HEADER);
 
 /// Ids from the edge longer than this, or with other characters, are replaced: they end up in
 /// logs, headers and pages.
@@ -19,7 +20,7 @@ pub struct RequestId(Arc<str>);
 impl RequestId {
     /// The edge's id when it is acceptable, else a fresh one.
     pub fn from_headers(headers: &HeaderMap) -> RequestId {
-        let mut values = headers.get_all(HEADER).iter();
+        let mut values = headers.get_all(HEADER_NAME).iter();
         match (values.next(), values.next()) {
             (Some(value), None) => match value.to_str() {
                 Ok(text) if is_acceptable(text) => RequestId(Arc::from(text)),

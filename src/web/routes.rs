@@ -147,6 +147,21 @@ mod tests {
         );
     }
 
+    /// `web::dispatch` hands only paths in the gate's namespace to the router; a gate route
+    /// outside it would never be reached.
+    #[test]
+    fn every_gate_route_is_in_the_gate_namespace() {
+        let prefix = format!("{}/", crate::web::dispatch::NAMESPACE);
+        let outside: Vec<RegisteredRoute> = all_registered()
+            .into_iter()
+            .filter(|route| route.listener == Listener::Gate && !route.path.starts_with(&prefix))
+            .collect();
+        assert!(
+            outside.is_empty(),
+            "gate routes outside {prefix}: {outside:?}"
+        );
+    }
+
     #[test]
     fn the_registry_lists_each_route_once_per_method() {
         let routes = all_registered();

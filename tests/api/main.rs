@@ -34,6 +34,7 @@ macro_rules! on_both_backends {
 
 mod approval;
 mod concurrency;
+mod connections;
 mod helpers;
 mod hold;
 mod identity;

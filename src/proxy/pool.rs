@@ -1,0 +1,233 @@
+//! Upstream connections: HTTP/1.1 connections kept per thread, lent to one request at a time
+//! and taken back once that request's response body has been read to its end.
+//!
+//! Not hyper-util's pooled client: for every request it hashes a pool key, locks a pool shared
+//! by all threads and spawns a task that waits for the connection to turn idle again. With
+//! thread-per-core serving (see `server`) a thread's connections are only ever used by that
+//! thread, so none of it is needed, and it was a visible share of the gate's CPU per
+//! pass-through request (BENCHMARKS.md).
+//!
+//! What it keeps of that client's behaviour: at most [`MAX_IDLE`] idle connections per thread
+//! and upstream, none older than [`IDLE_FOR`]; TCP_NODELAY; and a request that could not be
+//! sent because a kept connection had closed meanwhile (the upstream's keep-alive ran out) is
+//! sent again on another connection. A request that was written is never sent twice.
+//! Idle connections are looked at when a request needs one, so after traffic stops they stay
+//! open until the upstream closes them or the next request finds them too old.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Weak;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+
+use super::ProxyError;
+
+/// Idle connections kept per thread and upstream (nginx's `keepalive` in the bench).
+pub const MAX_IDLE: usize = 256;
+/// How long an idle connection is kept.
+pub const IDLE_FOR: Duration = Duration::from_secs(90);
+
+/// Where connections go: one per [`super::Upstream`], shared by its clones.
+#[derive(Clone)]
+pub struct Destination {
+    /// Tells one upstream's connections from another's (tests run several gates per process).
+    pub key: u64,
+    /// Dead once every clone of the upstream is gone: its idle connections are then dropped.
+    pub alive: Weak<()>,
+    /// `host:port`, resolved on each connect.
+    pub address: String,
+    pub connect_timeout: Duration,
+}
+
+struct Idle {
+    sender: SendRequest<Body>,
+    since: Instant,
+}
+
+/// One upstream's idle connections on this thread, oldest first.
+struct Kept {
+    key: u64,
+    alive: Weak<()>,
+    idle: VecDeque<Idle>,
+}
+
+thread_local! {
+    static KEPT: RefCell<Vec<Kept>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Sends `request` (origin-form URI, `Host` set) and returns the answer with its body still
+/// streaming; the connection goes back to this thread's pool when that body ends.
+pub async fn send(
+    destination: &Destination,
+    mut request: Request<Body>,
+) -> Result<Response<Body>, ProxyError> {
+    loop {
+        let (mut sender, reused) = match take_idle(destination).await {
+            Some(sender) => (sender, true),
+            // Boxed: connecting (name resolution included) is rare and its future is large.
+            None => (Box::pin(connect(destination)).await?, false),
+        };
+        match sender.try_send_request(request).await {
+            Ok(response) => return Ok(lend(response, sender, destination)),
+            Err(mut error) => match error.take_message() {
+                // Never written: the kept connection closed before it could be used. The idle
+                // list is finite, so this ends (on a fresh connection at the latest).
+                Some(unsent) if reused => request = unsent,
+                _ => return Err(ProxyError::Failed(error.error().to_string())),
+            },
+        }
+    }
+}
+
+/// The most recently used idle connection that can take a request, if any.
+async fn take_idle(destination: &Destination) -> Option<SendRequest<Body>> {
+    loop {
+        let mut idle = KEPT.with(|kept| {
+            let mut kept = kept.borrow_mut();
+            let entry = kept.iter_mut().find(|entry| entry.key == destination.key)?;
+            entry.idle.pop_back()
+        })?;
+        if idle.since.elapsed() >= IDLE_FOR || idle.sender.is_closed() {
+            continue;
+        }
+        // Usually ready already; otherwise its connection is still finishing the previous
+        // exchange and will be in a moment, or has failed.
+        if idle.sender.is_ready() || idle.sender.ready().await.is_ok() {
+            return Some(idle.sender);
+        }
+    }
+}
+
+async fn connect(destination: &Destination) -> Result<SendRequest<Body>, ProxyError> {
+    let stream = match tokio::time::timeout(
+        destination.connect_timeout,
+        tokio::net::TcpStream::connect(&destination.address),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return Err(ProxyError::Unreachable(error.to_string())),
+        Err(_) => {
+            return Err(ProxyError::Unreachable(format!(
+                "no connection within {} ms",
+                destination.connect_timeout.as_millis()
+            )))
+        }
+    };
+    // Small requests and answers go out at once instead of waiting for an ACK (Nagle).
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|error| ProxyError::Unreachable(error.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// Puts a connection whose exchange is complete back on this thread's idle list.
+fn give_back(sender: SendRequest<Body>, destination: &Destination) {
+    if sender.is_closed() || destination.alive.strong_count() == 0 {
+        return;
+    }
+    KEPT.with(|kept| {
+        let mut kept = kept.borrow_mut();
+        let position = match kept.iter().position(|entry| entry.key == destination.key) {
+            Some(position) => position,
+            None => {
+                // A new upstream on this thread: forget the ones whose gates have stopped.
+                kept.retain(|entry| entry.alive.strong_count() > 0);
+                kept.push(Kept {
+                    key: destination.key,
+                    alive: destination.alive.clone(),
+                    idle: VecDeque::new(),
+                });
+                kept.len() - 1
+            }
+        };
+        let idle = &mut kept[position].idle;
+        let now = Instant::now();
+        while idle
+            .front()
+            .is_some_and(|oldest| now.duration_since(oldest.since) >= IDLE_FOR)
+        {
+            idle.pop_front();
+        }
+        if idle.len() >= MAX_IDLE {
+            idle.pop_front();
+        }
+        idle.push_back(Idle { sender, since: now });
+    });
+}
+
+/// The upstream's answer, whose body hands the connection back when it ends.
+fn lend(
+    response: Response<Incoming>,
+    sender: SendRequest<Body>,
+    destination: &Destination,
+) -> Response<Body> {
+    let (parts, body) = response.into_parts();
+    if body.is_end_stream() {
+        // No body to wait for (HEAD, 204, 304, `Content-Length: 0`).
+        give_back(sender, destination);
+        return Response::from_parts(parts, Body::new(body));
+    }
+    let body = LentBody {
+        body,
+        lent: Some((sender, destination.clone())),
+    };
+    Response::from_parts(parts, Body::new(body))
+}
+
+/// A response body streaming from a lent connection. At its end the connection is given back;
+/// if it fails or is dropped before its end, the connection is not (hyper closes it).
+struct LentBody {
+    body: Incoming,
+    lent: Option<(SendRequest<Body>, Destination)>,
+}
+
+impl HttpBody for LentBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                if let Some((sender, destination)) = self.lent.take() {
+                    give_back(sender, &destination);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.lent = None,
+            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => {
+                // The last frame: the connection is free before the caller polls again.
+                if let Some((sender, destination)) = self.lent.take() {
+                    give_back(sender, &destination);
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
