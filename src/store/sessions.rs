@@ -51,7 +51,7 @@ impl SessionStore for DbSessionStore {
             .bind(record.id.to_string())
             .bind(encode(record)?)
             .bind(to_millis(record.expiry_date))
-            .execute(self.store.pool())
+            .execute(self.store.writer())
             .await
             .map_err(backend)?;
             if done.rows_affected() == 1 {
@@ -69,7 +69,7 @@ impl SessionStore for DbSessionStore {
         .bind(record.id.to_string())
         .bind(encode(record)?)
         .bind(to_millis(record.expiry_date))
-        .execute(self.store.pool())
+        .execute(self.store.writer())
         .await
         .map_err(backend)?;
         Ok(())
@@ -99,7 +99,7 @@ impl SessionStore for DbSessionStore {
     async fn delete(&self, id: &Id) -> session_store::Result<()> {
         sqlx::query("DELETE FROM sessions WHERE id = $1")
             .bind(id.to_string())
-            .execute(self.store.pool())
+            .execute(self.store.writer())
             .await
             .map_err(backend)?;
         Ok(())
