@@ -3,10 +3,12 @@
 //! PostgreSQL both accept) runs on sqlx's `Any` driver; the backend is chosen by the URL
 //! scheme. Every state change is a conditional update whose affected-row count is checked.
 
+mod batch;
 pub mod health;
 pub mod sessions;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -18,11 +20,13 @@ use webauthn_rs::prelude::Passkey;
 use crate::clock::{from_millis, to_millis};
 use crate::stepup::{Change, State, Transition};
 
-#[derive(Debug, thiserror::Error)]
+/// Cloneable (the sqlx error is shared) because a failed group commit (`batch`) is every one
+/// of its writes' failure.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached: fail closed with 503.
     #[error("database unavailable: {0}")]
-    Unavailable(sqlx::Error),
+    Unavailable(Arc<sqlx::Error>),
     /// A unique constraint refused the write.
     #[error("already exists")]
     Duplicate,
@@ -30,7 +34,7 @@ pub enum StoreError {
     #[error("corrupt row: {0}")]
     Corrupt(String),
     #[error("database error: {0}")]
-    Other(sqlx::Error),
+    Other(Arc<sqlx::Error>),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -44,15 +48,15 @@ impl From<sqlx::Error> for StoreError {
                     .code()
                     .is_some_and(|code| code.starts_with("08") || code.starts_with("57")) =>
             {
-                StoreError::Unavailable(error)
+                StoreError::Unavailable(Arc::new(error))
             }
             sqlx::Error::Io(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_)
-            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(error),
-            _ => StoreError::Other(error),
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(Arc::new(error)),
+            _ => StoreError::Other(Arc::new(error)),
         }
     }
 }
@@ -196,6 +200,8 @@ pub struct Store {
     /// sleep for milliseconds at a time (the bench's holds had a 100 ms p99 from that alone).
     /// On PostgreSQL, and for an in-memory SQLite database, the same pool as `pool`.
     writer: AnyPool,
+    /// SQLite only: group commit of the writes that matter for throughput (see `batch`).
+    batcher: Option<batch::Batcher>,
     backend: Backend,
 }
 
@@ -263,9 +269,14 @@ impl Store {
                 }
             }
         };
+        let batcher = match backend {
+            Backend::Sqlite => Some(batch::Batcher::start(writer.clone())),
+            Backend::Postgres => None,
+        };
         Ok(Store {
             pool,
             writer,
+            batcher,
             backend,
         })
     }
@@ -282,7 +293,7 @@ impl Store {
         migrator
             .run(&self.writer)
             .await
-            .map_err(|e| StoreError::Other(sqlx::Error::Migrate(Box::new(e))))
+            .map_err(|e| StoreError::Other(Arc::new(sqlx::Error::Migrate(Box::new(e)))))
     }
 
     pub(crate) fn pool(&self) -> &AnyPool {
@@ -292,6 +303,18 @@ impl Store {
     /// The pool every write goes to (see the `writer` field).
     pub(crate) fn writer(&self) -> &AnyPool {
         &self.writer
+    }
+
+    /// Runs `job` in a transaction of its own (PostgreSQL) or in SQLite's next group commit,
+    /// and returns its result once committed. A job that fails leaves nothing behind.
+    async fn write<T: Send + 'static>(&self, job: batch::Job<T>) -> Result<T, StoreError> {
+        if let Some(batcher) = &self.batcher {
+            return batcher.write(job).await;
+        }
+        let mut tx = self.writer.begin().await?;
+        let result = job(&mut tx).await?;
+        tx.commit().await?;
+        Ok(result)
     }
 
     // -- users -----------------------------------------------------------------------------
@@ -398,20 +421,30 @@ impl Store {
 
     /// Runs one conditional write and, only if it changed exactly one row, the effects, all in
     /// one transaction. Returns whether the write happened; if not, nothing is written.
-    async fn write_once_with_effects<'q>(
+    async fn write_once_with_effects(
         &self,
-        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+        query: sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments<'static>>,
         effects: &Effects,
         now: OffsetDateTime,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.writer.begin().await?;
-        let done = query.execute(&mut *tx).await?;
-        if done.rows_affected() != 1 {
-            return Ok(false);
-        }
-        Self::write_effects(&mut tx, effects, now).await?;
-        tx.commit().await?;
-        Ok(true)
+        let effects = effects.clone();
+        self.write(Box::new(move |conn| {
+            Box::pin(async move {
+                match query.execute(&mut *conn).await?.rows_affected() {
+                    0 => Ok(false),
+                    1 => {
+                        Self::write_effects(conn, &effects, now).await?;
+                        Ok(true)
+                    }
+                    // Ids are unique: more than one row means the write was not what it
+                    // meant to be, and it is undone.
+                    rows => Err(StoreError::Corrupt(format!(
+                        "a write meant for one row changed {rows}"
+                    ))),
+                }
+            })
+        }))
+        .await
     }
 
     /// Deletes one of `user_id`'s passkeys; `false` if there was none.
@@ -424,7 +457,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let query = sqlx::query("DELETE FROM passkeys WHERE id = $1 AND user_id = $2")
             .bind(passkey_id.to_string())
-            .bind(user_id);
+            .bind(user_id.to_string());
         self.write_once_with_effects(query, effects, now).await
     }
 
@@ -541,38 +574,47 @@ impl Store {
         // The listed flag follows the credential: a passkey can become synced later.
         let backup_eligible =
             webauthn_rs::prelude::Credential::from(passkey.clone()).backup_eligible;
-        sqlx::query(
-            "UPDATE passkeys SET passkey_json = $1, last_used_at = $2, backup_eligible = $4 WHERE id = $3",
+        let query = sqlx::query(
+            "UPDATE passkeys SET passkey_json = $1, last_used_at = $2, backup_eligible = $4 \
+             WHERE id = $3",
         )
-            .bind(to_json(passkey)?)
-            .bind(to_millis(now))
-            .bind(id.to_string())
-            .bind(i64::from(backup_eligible))
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        .bind(to_json(passkey)?)
+        .bind(to_millis(now))
+        .bind(id.to_string())
+        .bind(i64::from(backup_eligible));
+        self.write(Box::new(move |conn| {
+            Box::pin(async move {
+                query.execute(conn).await?;
+                Ok(())
+            })
+        }))
+        .await
     }
 
     // -- ceremonies ------------------------------------------------------------------------
 
     pub async fn insert_ceremony(&self, ceremony: &CeremonyRecord) -> Result<(), StoreError> {
-        sqlx::query(
+        let query = sqlx::query(
             "INSERT INTO ceremonies (id, kind, user_id, change_id, change_digest, \
              session_binding, state_json, created_at, expires_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(ceremony.id.to_string())
         .bind(ceremony.kind.as_str())
-        .bind(&ceremony.user_id)
+        .bind(ceremony.user_id.clone())
         .bind(ceremony.change_id.map(|id| id.to_string()))
-        .bind(&ceremony.change_digest)
-        .bind(&ceremony.session_binding)
-        .bind(&ceremony.state_json)
+        .bind(ceremony.change_digest.clone())
+        .bind(ceremony.session_binding.clone())
+        .bind(ceremony.state_json.clone())
         .bind(to_millis(ceremony.created_at))
-        .bind(to_millis(ceremony.expires_at))
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+        .bind(to_millis(ceremony.expires_at));
+        self.write(Box::new(move |conn| {
+            Box::pin(async move {
+                query.execute(conn).await?;
+                Ok(())
+            })
+        }))
+        .await
     }
 
     /// Consumes a ceremony: marks it consumed and returns it in one conditional statement, so
@@ -586,34 +628,40 @@ impl Store {
         session_binding: &str,
         now: OffsetDateTime,
     ) -> Result<Option<CeremonyRecord>, StoreError> {
-        let row = sqlx::query(
+        let query = sqlx::query(
             "UPDATE ceremonies SET consumed_at = $5 WHERE id = $1 AND kind = $2 AND user_id = $3 \
              AND session_binding = $4 AND consumed_at IS NULL \
              RETURNING change_id, change_digest, state_json, created_at, expires_at",
         )
         .bind(id.to_string())
         .bind(kind.as_str())
-        .bind(user_id)
-        .bind(session_binding)
-        .bind(to_millis(now))
-        .fetch_optional(&self.writer)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        Ok(Some(CeremonyRecord {
-            id,
-            kind,
-            user_id: user_id.to_string(),
-            change_id: row
-                .try_get::<Option<String>, _>("change_id")?
-                .as_deref()
-                .map(parse_uuid)
-                .transpose()?,
-            change_digest: row.try_get("change_digest")?,
-            session_binding: session_binding.to_string(),
-            state_json: row.try_get("state_json")?,
-            created_at: from_millis(row.try_get("created_at")?),
-            expires_at: from_millis(row.try_get("expires_at")?),
+        .bind(user_id.to_string())
+        .bind(session_binding.to_string())
+        .bind(to_millis(now));
+        let (user_id, session_binding) = (user_id.to_string(), session_binding.to_string());
+        self.write(Box::new(move |conn| {
+            Box::pin(async move {
+                let Some(row) = query.fetch_optional(conn).await? else {
+                    return Ok(None);
+                };
+                Ok(Some(CeremonyRecord {
+                    id,
+                    kind,
+                    user_id,
+                    change_id: row
+                        .try_get::<Option<String>, _>("change_id")?
+                        .as_deref()
+                        .map(parse_uuid)
+                        .transpose()?,
+                    change_digest: row.try_get("change_digest")?,
+                    session_binding,
+                    state_json: row.try_get("state_json")?,
+                    created_at: from_millis(row.try_get("created_at")?),
+                    expires_at: from_millis(row.try_get("expires_at")?),
+                }))
+            })
         }))
+        .await
     }
 
     /// How many ceremonies `user_id` started after `since` (consumed or not).
@@ -663,41 +711,45 @@ impl Store {
     ) -> Result<(), StoreError> {
         let headers = serde_json::to_string(&change.headers)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let mut tx = self.writer.begin().await?;
-        sqlx::query(&format!(
-            "INSERT INTO changes ({CHANGE_COLUMNS}, updated_at) VALUES \
-             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-             $19, $20, $21, $22, $23, $24)"
-        ))
-        .bind(change.id.to_string())
-        .bind(&change.user_id)
-        .bind(&change.rule)
-        .bind(&change.method)
-        .bind(&change.path)
-        .bind(&change.query)
-        .bind(headers)
-        .bind(change.body.clone())
-        .bind(&change.digest)
-        .bind(&change.summary)
-        .bind(change.state.as_str())
-        .bind(duration_millis(change.cooling_off))
-        .bind(duration_millis(change.release_within))
-        .bind(to_millis(change.created_at))
-        .bind(to_millis(change.confirm_before))
-        .bind(change.confirmed_at.map(to_millis))
-        .bind(change.release_at.map(to_millis))
-        .bind(change.release_before.map(to_millis))
-        .bind(change.finished_at.map(to_millis))
-        .bind(change.lease_until.map(to_millis))
-        .bind(change.release_attempts)
-        .bind(change.outcome_status.map(i64::from))
-        .bind(change.quarantined_until.map(to_millis))
-        .bind(to_millis(change.created_at))
-        .execute(&mut *tx)
-        .await?;
-        Self::write_effects(&mut tx, effects, change.created_at).await?;
-        tx.commit().await?;
-        Ok(())
+        let change = change.clone();
+        let effects = effects.clone();
+        self.write(Box::new(move |conn| {
+            Box::pin(async move {
+                sqlx::query(&format!(
+                    "INSERT INTO changes ({CHANGE_COLUMNS}, updated_at) VALUES \
+                     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+                     $17, $18, $19, $20, $21, $22, $23, $24)"
+                ))
+                .bind(change.id.to_string())
+                .bind(&change.user_id)
+                .bind(&change.rule)
+                .bind(&change.method)
+                .bind(&change.path)
+                .bind(&change.query)
+                .bind(headers)
+                .bind(change.body.clone())
+                .bind(&change.digest)
+                .bind(&change.summary)
+                .bind(change.state.as_str())
+                .bind(duration_millis(change.cooling_off))
+                .bind(duration_millis(change.release_within))
+                .bind(to_millis(change.created_at))
+                .bind(to_millis(change.confirm_before))
+                .bind(change.confirmed_at.map(to_millis))
+                .bind(change.release_at.map(to_millis))
+                .bind(change.release_before.map(to_millis))
+                .bind(change.finished_at.map(to_millis))
+                .bind(change.lease_until.map(to_millis))
+                .bind(change.release_attempts)
+                .bind(change.outcome_status.map(i64::from))
+                .bind(change.quarantined_until.map(to_millis))
+                .bind(to_millis(change.created_at))
+                .execute(&mut *conn)
+                .await?;
+                Self::write_effects(conn, &effects, change.created_at).await
+            })
+        }))
+        .await
     }
 
     pub async fn change(&self, id: Uuid) -> Result<Option<Change>, StoreError> {
@@ -938,10 +990,11 @@ impl Store {
         if effects.is_empty() {
             return Ok(());
         }
-        let mut tx = self.writer.begin().await?;
-        Self::write_effects(&mut tx, effects, now).await?;
-        tx.commit().await?;
-        Ok(())
+        let effects = effects.clone();
+        self.write(Box::new(move |conn| {
+            Box::pin(async move { Self::write_effects(conn, &effects, now).await })
+        }))
+        .await
     }
 
     /// The audit log in order, and the head (last sequence number and hash).
@@ -1090,12 +1143,12 @@ impl Store {
         let query = if frozen {
             sqlx::query("UPDATE users SET frozen_at = $1 WHERE user_id = $2 AND frozen_at IS NULL")
                 .bind(to_millis(now))
-                .bind(user_id)
+                .bind(user_id.to_string())
         } else {
             sqlx::query(
                 "UPDATE users SET frozen_at = NULL WHERE user_id = $1 AND frozen_at IS NOT NULL",
             )
-            .bind(user_id)
+            .bind(user_id.to_string())
         };
         self.write_once_with_effects(query, effects, now).await
     }

@@ -155,6 +155,69 @@ header = "x-user-id"
     format!("http://127.0.0.1:{port}")
 }
 
+/// One keep-alive connection to the gate, so every request of a test is served by the same
+/// gate thread (and its kept upstream connections). reqwest's own pool may open a second
+/// connection when the first is not yet idle again, which would blur what is measured here.
+struct OneConnection {
+    stream: TcpStream,
+    pending: Vec<u8>,
+}
+
+impl OneConnection {
+    async fn open(gate: &str) -> OneConnection {
+        let address = gate.trim_start_matches("http://");
+        let stream = TcpStream::connect(address)
+            .await
+            .expect("connect to the gate");
+        OneConnection {
+            stream,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Sends `GET path` and reads the whole answer: its status and body length.
+    async fn get(&mut self, path: &str) -> (u16, usize) {
+        let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n");
+        self.stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("send a request to the gate");
+        let head_end = loop {
+            if let Some(end) = self.pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            self.fill().await;
+        };
+        let head = String::from_utf8_lossy(&self.pending[..head_end]).to_lowercase();
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .expect("a status line");
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .and_then(|value| value.trim().parse().ok())
+            .expect("the gate says how long the body is");
+        while self.pending.len() < head_end + length {
+            self.fill().await;
+        }
+        self.pending.drain(..head_end + length);
+        (status, length)
+    }
+
+    async fn fill(&mut self) {
+        let mut buffer = [0u8; 65536];
+        let read = self
+            .stream
+            .read(&mut buffer)
+            .await
+            .expect("read from the gate");
+        assert!(read > 0, "the gate closed the connection");
+        self.pending.extend_from_slice(&buffer[..read]);
+    }
+}
+
 async fn get(client: &reqwest::Client, url: &str) -> (u16, usize) {
     let response = client.get(url).send().await.expect("the gate answers");
     let status = response.status().as_u16();
@@ -179,10 +242,10 @@ async fn sequential_requests_reuse_one_upstream_connection() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let upstream = RawUpstream::start(After::KeepFor(Duration::from_secs(60)), 5).await;
     let gate = gate_in_front_of(&upstream, &dir).await;
-    let client = reqwest::Client::new();
+    let mut client = OneConnection::open(&gate).await;
 
     for n in 0..20 {
-        assert_eq!(get(&client, &format!("{gate}/r/{n}")).await, (200, 5));
+        assert_eq!(client.get(&format!("/r/{n}")).await, (200, 5));
     }
 
     assert_eq!(request_lines(&upstream), expected_lines(20));
@@ -198,10 +261,10 @@ async fn an_upstream_that_closes_after_each_answer_gets_a_new_connection_each_ti
     let dir = tempfile::tempdir().expect("temporary directory");
     let upstream = RawUpstream::start(After::Close, 5).await;
     let gate = gate_in_front_of(&upstream, &dir).await;
-    let client = reqwest::Client::new();
+    let mut client = OneConnection::open(&gate).await;
 
     for n in 0..10 {
-        assert_eq!(get(&client, &format!("{gate}/r/{n}")).await, (200, 5));
+        assert_eq!(client.get(&format!("/r/{n}")).await, (200, 5));
     }
 
     let requests = upstream.requests();
@@ -215,12 +278,12 @@ async fn a_kept_connection_the_upstream_closed_while_idle_is_replaced() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let upstream = RawUpstream::start(After::KeepFor(Duration::from_millis(100)), 5).await;
     let gate = gate_in_front_of(&upstream, &dir).await;
-    let client = reqwest::Client::new();
+    let mut client = OneConnection::open(&gate).await;
 
-    assert_eq!(get(&client, &format!("{gate}/r/0")).await, (200, 5));
+    assert_eq!(client.get("/r/0").await, (200, 5));
     // Network idleness, not a cooling-off: the upstream's own keep-alive runs out.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(get(&client, &format!("{gate}/r/1")).await, (200, 5));
+    assert_eq!(client.get("/r/1").await, (200, 5));
 
     assert_eq!(
         upstream.requests(),

@@ -123,7 +123,10 @@ async fn durability(backend: Backend, url: &str) -> anyhow::Result<String> {
                 .fetch_one(&mut conn)
                 .await?;
             let _ = conn.close().await;
-            format!("journal_mode={journal}, gate sets synchronous=FULL (fsync per commit)")
+            format!(
+                "journal_mode={journal}, gate sets synchronous=FULL (fsync per commit; writes \
+                 group-committed, each answered after its commit)"
+            )
         }
         Backend::Postgres => {
             let mut conn = sqlx::PgConnection::connect(url).await?;
