@@ -67,7 +67,11 @@ where
     // A cheap clone (shared bytes). Only its path is logged: the query can carry tokens
     // (the cancel link's, for one).
     let uri = request.uri().clone();
-    let mut response = request_id::scope(id, serve(request).instrument(span.clone())).await;
+    // Boxed: inline, the inner future was stored twice in this one (12.5 KB in all), and hyper
+    // keeps the service future's space for the whole life of every connection, idle ones
+    // included (1,000 idle keep-alive connections: 35 -> 29 MB).
+    let mut response =
+        request_id::scope(id, Box::pin(serve(request)).instrument(span.clone())).await;
     let took = started.elapsed();
     if let Some(value) = header_value {
         response
