@@ -1,6 +1,6 @@
 //! Assembles the gate from a [`Config`]: connects and migrates the store, builds the
-//! relying party and the upstream client, and wires the router. Layer order matters and is
-//! commented where it does.
+//! relying party and the upstream, and wires the router into a [`Gate`]. Layer order matters
+//! and is commented where it does.
 
 use std::sync::Arc;
 use std::time::Duration;
