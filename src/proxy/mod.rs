@@ -65,12 +65,16 @@ const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// X-Forwarded-Host/Proto the gate sets: only the gate describes how the request arrived) and
 /// the URL-override headers (IIS, Symfony, Laravel and some Spring setups route by these
 /// instead of the request line, which would make the exchange act on a path the gate never
-/// judged).
+/// judged). Underscore spellings count as the names they fold to (CGI, WSGI and nginx with
+/// `underscores_in_headers` read `x_original_url` as `x-original-url`).
 fn is_withheld_from_upstream(name: &str) -> bool {
-    is_hop_by_hop(name)
-        || name.starts_with("stepgate-")
-        || name == "forwarded"
-        || URL_OVERRIDE_HEADERS.contains(&name)
+    let withheld = |name: &str| {
+        is_hop_by_hop(name)
+            || name.starts_with("stepgate-")
+            || name == "forwarded"
+            || URL_OVERRIDE_HEADERS.contains(&name)
+    };
+    withheld(name) || (name.contains('_') && withheld(&name.replace('_', "-")))
 }
 
 /// Removes headers whose names equal one of `protected` once `_` is read as `-` (CGI, WSGI
@@ -303,5 +307,30 @@ mod tests {
         remove_where(&mut headers, is_withheld_from_upstream);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("content-type"));
+    }
+
+    #[test]
+    fn underscore_spellings_of_withheld_headers_are_withheld_too() {
+        let mut headers = HeaderMap::new();
+        for name in [
+            "x_original_url",
+            "x_rewrite_url",
+            "x_forwarded_uri",
+            "stepgate_change",
+            "stepgate_approval",
+            "transfer_encoding",
+            "proxy_authorization",
+        ] {
+            headers.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("/admin"),
+            );
+        }
+        headers.insert("x_custom_thing", HeaderValue::from_static("kept"));
+        remove_where(&mut headers, is_withheld_from_upstream);
+        assert_eq!(
+            headers.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            vec!["x_custom_thing"]
+        );
     }
 }

@@ -10,14 +10,18 @@
 //! What it keeps of that client's behaviour: at most [`MAX_IDLE`] idle connections per thread
 //! and upstream, none older than [`IDLE_FOR`]; TCP_NODELAY; and a request that could not be
 //! sent because a kept connection had closed meanwhile (the upstream's keep-alive ran out) is
-//! sent again on another connection. A request that was written is never sent twice.
+//! sent again on another connection. A request that was written is never sent twice. A
+//! connection is lent again only once both the answer and the request's own body have gone
+//! through it: an upstream that answers before reading an upload leaves its connection busy
+//! with that upload, and a request lent it would wait behind a client's trickle.
 //! Idle connections are looked at when a request needs one, so after traffic stops they stay
 //! open until the upstream closes them or the next request finds them too old.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::Weak;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -67,8 +71,20 @@ thread_local! {
 /// streaming; the connection goes back to this thread's pool when that body ends.
 pub async fn send(
     destination: &Destination,
-    mut request: Request<Body>,
+    request: Request<Body>,
 ) -> Result<Response<Body>, ProxyError> {
+    // An upstream may answer before it has read the whole request body (a 401, a 413): then
+    // the connection is still busy sending it when the answer ends, and must not be lent.
+    let (mut request, request_sent) = if request.body().is_end_stream() {
+        (request, None)
+    } else {
+        let sent = Arc::new(AtomicBool::new(false));
+        let flag = sent.clone();
+        (
+            request.map(|body| Body::new(SentBody { body, sent: flag })),
+            Some(sent),
+        )
+    };
     loop {
         let (mut sender, reused) = match take_idle(destination).await {
             Some(sender) => (sender, true),
@@ -76,7 +92,7 @@ pub async fn send(
             None => (Box::pin(connect(destination)).await?, false),
         };
         match sender.try_send_request(request).await {
-            Ok(response) => return Ok(lend(response, sender, destination)),
+            Ok(response) => return Ok(lend(response, sender, destination, request_sent)),
             Err(mut error) => match error.take_message() {
                 // Never written: the kept connection closed before it could be used. The idle
                 // list is finite, so this ends (on a fresh connection at the latest).
@@ -98,9 +114,14 @@ async fn take_idle(destination: &Destination) -> Option<SendRequest<Body>> {
         if idle.since.elapsed() >= IDLE_FOR || idle.sender.is_closed() {
             continue;
         }
-        // Usually ready already; otherwise its connection is still finishing the previous
-        // exchange and will be in a moment, or has failed.
-        if idle.sender.is_ready() || idle.sender.ready().await.is_ok() {
+        if idle.sender.is_ready() {
+            return Some(idle.sender);
+        }
+        // Its connection task has not yet noticed the previous exchange is over: a moment.
+        // Bounded, so a connection stuck for any other reason is dropped, not waited on.
+        if let Ok(Ok(())) =
+            tokio::time::timeout(destination.connect_timeout, idle.sender.ready()).await
+        {
             return Some(idle.sender);
         }
     }
@@ -170,30 +191,58 @@ fn give_back(sender: SendRequest<Body>, destination: &Destination) {
     });
 }
 
-/// The upstream's answer, whose body hands the connection back when it ends.
+/// The upstream's answer, whose body hands the connection back when it ends (and the request's
+/// body, if it had one, was sent to its end).
 fn lend(
     response: Response<Incoming>,
     sender: SendRequest<Body>,
     destination: &Destination,
+    request_sent: Option<Arc<AtomicBool>>,
 ) -> Response<Body> {
     let (parts, body) = response.into_parts();
+    let lent = Lent {
+        sender,
+        destination: destination.clone(),
+        request_sent,
+    };
     if body.is_end_stream() {
         // No body to wait for (HEAD, 204, 304, `Content-Length: 0`).
-        give_back(sender, destination);
+        lent.give_back();
         return Response::from_parts(parts, Body::new(body));
     }
     let body = LentBody {
         body,
-        lent: Some((sender, destination.clone())),
+        lent: Some(lent),
     };
     Response::from_parts(parts, Body::new(body))
+}
+
+/// A connection lent to one exchange.
+struct Lent {
+    sender: SendRequest<Body>,
+    destination: Destination,
+    /// Set once the request's body has been sent to its end; `None` when it had none.
+    request_sent: Option<Arc<AtomicBool>>,
+}
+
+impl Lent {
+    /// Called when the answer's body has ended: the connection is free unless the request's
+    /// body is still going out (dropped then: hyper closes it once that body is done).
+    fn give_back(self) {
+        let request_done = self
+            .request_sent
+            .is_none_or(|sent| sent.load(Ordering::Acquire));
+        if request_done {
+            give_back(self.sender, &self.destination);
+        }
+    }
 }
 
 /// A response body streaming from a lent connection. At its end the connection is given back;
 /// if it fails or is dropped before its end, the connection is not (hyper closes it).
 struct LentBody {
     body: Incoming,
-    lent: Option<(SendRequest<Body>, Destination)>,
+    lent: Option<Lent>,
 }
 
 impl HttpBody for LentBody {
@@ -207,18 +256,53 @@ impl HttpBody for LentBody {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => {
-                if let Some((sender, destination)) = self.lent.take() {
-                    give_back(sender, &destination);
+                if let Some(lent) = self.lent.take() {
+                    lent.give_back();
                 }
             }
             Poll::Ready(Some(Err(_))) => self.lent = None,
             Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => {
                 // The last frame: the connection is free before the caller polls again.
-                if let Some((sender, destination)) = self.lent.take() {
-                    give_back(sender, &destination);
+                if let Some(lent) = self.lent.take() {
+                    lent.give_back();
                 }
             }
             _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A request body that says when it has been read to its end (by hyper, sending it upstream).
+struct SentBody {
+    body: Body,
+    sent: Arc<AtomicBool>,
+}
+
+impl HttpBody for SentBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => self.body.is_end_stream(),
+            _ => false,
+        };
+        if ended {
+            self.sent.store(true, Ordering::Release);
         }
         polled
     }

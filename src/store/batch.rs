@@ -15,7 +15,10 @@
 //! way. PostgreSQL does not come here: its writers work concurrently, each in its own
 //! transaction.
 
+use std::panic::AssertUnwindSafe;
+
 use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
 use sqlx::{Acquire, AnyConnection, AnyPool};
 use tokio::sync::{mpsc, oneshot};
 
@@ -62,7 +65,12 @@ impl Batcher {
         let queued: Queued = Box::new(move |connection| {
             Box::pin(async move {
                 let result = match connection {
-                    Ok(connection) => job(connection).await,
+                    // A panicking write fails alone, like any failing write: unwinding through
+                    // here would end the task every SQLite write depends on.
+                    Ok(connection) => AssertUnwindSafe(job(connection))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|_| Err(panicked())),
                     Err(error) => Err(error),
                 };
                 Settle {
@@ -80,6 +88,13 @@ impl Batcher {
         self.queue.send(queued).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
+}
+
+/// A write's failure when its own code panicked: our fault, a 500.
+fn panicked() -> StoreError {
+    StoreError::Other(std::sync::Arc::new(sqlx::Error::Protocol(
+        "a database write panicked".into(),
+    )))
 }
 
 /// What callers get when the writing task is gone (its runtime shut down).
@@ -257,6 +272,35 @@ mod tests {
             "{failing:?}"
         );
         assert_eq!(rows(&pool).await, vec![1, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_panics_fails_alone_and_writing_goes_on() {
+        let (batcher, pool, _dir) = batcher().await;
+        let panicking: Job<()> = Box::new(|conn| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO rows (n) VALUES (2)")
+                    .execute(&mut *conn)
+                    .await?;
+                panic!("a bug in a write");
+            })
+        });
+        let (first, panicked, last) = tokio::join!(
+            batcher.write(insert(1)),
+            batcher.write(panicking),
+            batcher.write(insert(3)),
+        );
+        assert!(first.is_ok() && last.is_ok(), "{first:?} {last:?}");
+        assert!(
+            matches!(panicked, Err(StoreError::Other(_))),
+            "{panicked:?}"
+        );
+        assert_eq!(rows(&pool).await, vec![1, 3]);
+        batcher
+            .write(insert(4))
+            .await
+            .expect("later writes still run");
+        assert_eq!(rows(&pool).await, vec![1, 3, 4]);
     }
 
     #[tokio::test]

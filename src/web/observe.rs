@@ -37,7 +37,7 @@ pub async fn observe(State(state): State<AppState>, request: Request, next: Next
 
 /// Runs `serve` on `request` inside the request's id, span, metrics and access line. `route`
 /// is the gate route's template, `None` for the proxy pipeline. The layer above and the
-/// server's direct path to the proxy pipeline (`app::Gate`) both come here.
+/// server's direct path to the proxy pipeline (`web::dispatch::Gate`) both come here.
 pub async fn watch<F, Fut>(
     state: &AppState,
     route: Option<String>,

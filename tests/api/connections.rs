@@ -125,6 +125,11 @@ async fn serve(
 
 /// A gate in front of `upstream` (a SQLite database in `dir`); returns its base URL.
 async fn gate_in_front_of(upstream: &RawUpstream, dir: &tempfile::TempDir) -> String {
+    gate_with_limits(upstream, dir, "").await
+}
+
+/// The same, with a `[limits]` table's lines.
+async fn gate_with_limits(upstream: &RawUpstream, dir: &tempfile::TempDir, limits: &str) -> String {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind the gate");
@@ -143,6 +148,9 @@ rp_name = "Test Exchange"
 [identity]
 mode = "header"
 header = "x-user-id"
+
+[limits]
+{limits}
 "#,
         upstream = upstream.url,
         db = dir.path().display(),
@@ -324,4 +332,62 @@ async fn an_answer_the_client_abandoned_does_not_leave_its_connection_for_the_ne
         upstream.connections() >= 2,
         "the half-read connection was closed, not lent again"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_still_carrying_an_upload_the_upstream_answered_early_is_not_lent() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let upstream = RawUpstream::start(After::KeepFor(Duration::from_secs(60)), 5).await;
+    // Long enough that a request lent the busy connection would still be waiting below.
+    let gate = gate_with_limits(
+        &upstream,
+        &dir,
+        "connect_timeout = \"30s\"\nupstream_timeout = \"30s\"",
+    )
+    .await;
+
+    // An upload the client never finishes; the upstream answers as soon as it has the head.
+    let mut uploader = TcpStream::connect(gate.trim_start_matches("http://"))
+        .await
+        .expect("connect to the gate");
+    let head = "POST /upload HTTP/1.1\r\nhost: localhost\r\ncontent-length: 1000000\r\n\r\n";
+    uploader
+        .write_all(head.as_bytes())
+        .await
+        .expect("send the upload's head");
+    uploader
+        .write_all(&[b'x'; 1000])
+        .await
+        .expect("send the start of the upload");
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"\r\n\r\nxxxxx") {
+        let mut buffer = [0u8; 4096];
+        let read = uploader
+            .read(&mut buffer)
+            .await
+            .expect("read the early answer");
+        assert!(read > 0, "the gate closed the uploading connection");
+        answer.extend_from_slice(&buffer[..read]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // Fresh connections land on every serving thread in turn, the uploader's included.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for n in 0..threads {
+        let mut client = OneConnection::open(&gate).await;
+        let answered =
+            tokio::time::timeout(Duration::from_secs(10), client.get(&format!("/r/{n}")))
+                .await
+                .expect("a request was lent the connection still carrying the upload");
+        assert_eq!(answered, (200, 5));
+    }
+
+    let mut expected = vec!["POST /upload HTTP/1.1".to_string()];
+    expected.extend(expected_lines(threads));
+    assert_eq!(request_lines(&upstream), expected);
+    drop(uploader);
 }
