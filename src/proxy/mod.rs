@@ -309,6 +309,33 @@ mod tests {
         assert!(headers.contains_key("content-type"));
     }
 
+    /// The pool speaks plain TCP: a configuration changed in code to name an https upstream
+    /// (its fields are public) must be refused, not sent in clear text.
+    #[test]
+    fn an_upstream_that_is_not_http_is_refused() {
+        let text = r#"
+listen = "127.0.0.1:8080"
+public_url = "http://localhost:8080"
+upstream = "http://127.0.0.1:9000"
+database_url = "sqlite::memory:"
+
+[webauthn]
+rp_id = "localhost"
+rp_name = "Example Exchange"
+
+[identity]
+mode = "header"
+header = "x-user-id"
+"#;
+        let mut config = Config::from_toml_str(text, "test", &[]).expect("a valid config");
+        assert!(Upstream::new(&config).is_ok());
+        config.upstream = Url::parse("https://exchange.internal:9443/").expect("a URL");
+        let refused = Upstream::new(&config)
+            .err()
+            .expect("an https upstream is refused");
+        assert!(refused.contains("http://"), "{refused}");
+    }
+
     #[test]
     fn underscore_spellings_of_withheld_headers_are_withheld_too() {
         let mut headers = HeaderMap::new();
