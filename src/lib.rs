@@ -15,6 +15,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod express;
 pub mod identity;
 pub mod metrics;
 pub mod notify;

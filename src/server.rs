@@ -22,12 +22,12 @@ use std::time::Duration;
 use axum::body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::app::{self, Migrations};
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::express::{Ended, Prefixed};
 use crate::web::dispatch::Gate;
 use crate::web::AppState;
 
@@ -128,7 +128,10 @@ impl Server {
             .header_read_timeout(limits.header_timeout)
             .max_buf_size(limits.max_header_bytes)
             .keep_alive(true);
-        let connections = GracefulShutdown::new();
+        // Turns true when shutting down; every connection holds a receiver, so the sender
+        // sees when the last one has ended.
+        let (drain, draining) = tokio::sync::watch::channel(false);
+        drop(draining);
         let serving = serving_threads()?;
         let mut next_thread = 0usize;
         tokio::pin!(shutdown);
@@ -158,7 +161,7 @@ impl Server {
             };
             let gate = self.gate.clone();
             let http = http.clone();
-            let watcher = connections.watcher();
+            let drain = drain.subscribe();
             next_thread = (next_thread + 1) % serving.len();
             serving[next_thread].spawn(async move {
                 let stream = match tokio::net::TcpStream::from_std(stream) {
@@ -168,18 +171,11 @@ impl Server {
                         return;
                     }
                 };
-                let service =
-                    hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-                        let gate = gate.clone();
-                        async move {
-                            let response = gate.serve(peer, request.map(Body::new)).await;
-                            Ok::<_, std::convert::Infallible>(response)
-                        }
-                    });
-                let connection =
-                    watcher.watch(http.serve_connection(TokioIo::new(stream), service));
-                if let Err(error) = connection.await {
-                    tracing::debug!(%error, %peer, "connection ended with an error");
+                match crate::express::serve(&gate, stream, peer, &drain).await {
+                    Ended::Closed => {}
+                    Ended::HandOver(connection) => {
+                        serve_with_hyper(gate, connection, peer, &http, drain).await;
+                    }
                 }
             });
         }
@@ -194,10 +190,12 @@ impl Server {
             grace_seconds = grace.as_secs_f64(),
             "shutting down: no new connections; finishing requests in flight"
         );
-        if tokio::time::timeout(grace, connections.shutdown())
-            .await
-            .is_err()
-        {
+        drain.send_replace(true);
+        // Idle express-lane connections wait on their thread, not on the channel: wake them.
+        for thread in serving {
+            thread.spawn(async { crate::express::wake_parked() });
+        }
+        if tokio::time::timeout(grace, drain.closed()).await.is_err() {
             tracing::warn!(
                 grace_seconds = grace.as_secs_f64(),
                 "the shutdown grace period ended with requests still in flight; they are cut off"
@@ -221,6 +219,47 @@ impl Server {
             admin.abort();
         }
         Ok(())
+    }
+}
+
+/// Serves the rest of a connection the express lane handed over with hyper and the router
+/// (`web::dispatch`), until it ends or, once `drain` turns true, its request in flight is done.
+async fn serve_with_hyper(
+    gate: Gate,
+    connection: Prefixed,
+    peer: SocketAddr,
+    http: &hyper::server::conn::http1::Builder,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+) {
+    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        let gate = gate.clone();
+        async move {
+            let response = gate.serve(peer, request.map(Body::new)).await;
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    let serving = http.serve_connection(TokioIo::new(connection), service);
+    tokio::pin!(serving);
+    // The first poll reads the handed-over request, so a shutdown already under way finishes
+    // that request rather than dropping it as an idle connection's.
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(serving.as_mut().poll(cx))).await;
+    let ended = match first {
+        std::task::Poll::Ready(ended) => ended,
+        std::task::Poll::Pending => loop {
+            tokio::select! {
+                biased;
+                ended = serving.as_mut() => break ended,
+                changed = drain.changed() => {
+                    if changed.is_err() || *drain.borrow() {
+                        serving.as_mut().graceful_shutdown();
+                        break serving.as_mut().await;
+                    }
+                }
+            }
+        },
+    };
+    if let Err(error) = ended {
+        tracing::debug!(%error, %peer, "connection ended with an error");
     }
 }
 

@@ -3,6 +3,9 @@
 //! upstream (502/504), never the gate. Bodies are streamed; nothing here buffers.
 
 mod pool;
+mod raw;
+
+pub use raw::RawConnection;
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -27,20 +30,22 @@ pub enum ProxyError {
 }
 
 /// Headers that describe one connection, not the request (RFC 9110 §7.6.1), plus the
-/// non-standard ones proxies commonly honour.
+/// non-standard ones proxies commonly honour. Lower case.
+pub const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Whether a (lower-case) header name is one of [`HOP_BY_HOP`].
 fn is_hop_by_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+    HOP_BY_HOP.contains(&name)
 }
 
 /// The gate's own header namespace: clients may send only `Stepgate-Change`, and even that

@@ -51,20 +51,78 @@ pub struct Destination {
     pub connect_timeout: Duration,
 }
 
-struct Idle {
-    sender: SendRequest<Body>,
-    since: Instant,
+/// Idle connections of one kind (hyper's senders here, raw streams for the express lane in
+/// `proxy::raw`), per upstream, on one thread: the most recently used is lent first, and none
+/// is kept past [`IDLE_FOR`] or beyond [`MAX_IDLE`].
+pub(super) struct IdleLists<C> {
+    lists: Vec<Kept<C>>,
 }
 
-/// One upstream's idle connections on this thread, oldest first.
-struct Kept {
+/// One upstream's idle connections, oldest first.
+struct Kept<C> {
     key: u64,
     alive: Weak<()>,
-    idle: VecDeque<Idle>,
+    idle: VecDeque<(C, Instant)>,
+}
+
+impl<C> IdleLists<C> {
+    pub(super) const fn new() -> Self {
+        IdleLists { lists: Vec::new() }
+    }
+
+    /// The most recently used idle connection to `destination` still young enough, if any.
+    pub(super) fn take(&mut self, destination: &Destination) -> Option<C> {
+        let entry = self
+            .lists
+            .iter_mut()
+            .find(|entry| entry.key == destination.key)?;
+        loop {
+            let (connection, since) = entry.idle.pop_back()?;
+            if since.elapsed() < IDLE_FOR {
+                return Some(connection);
+            }
+        }
+    }
+
+    /// Keeps `connection` (whose exchange is complete) for the next request to `destination`.
+    pub(super) fn put(&mut self, destination: &Destination, connection: C) {
+        if destination.alive.strong_count() == 0 {
+            return;
+        }
+        let position = match self
+            .lists
+            .iter()
+            .position(|entry| entry.key == destination.key)
+        {
+            Some(position) => position,
+            None => {
+                // A new upstream on this thread: forget the ones whose gates have stopped.
+                self.lists.retain(|entry| entry.alive.strong_count() > 0);
+                self.lists.push(Kept {
+                    key: destination.key,
+                    alive: destination.alive.clone(),
+                    idle: VecDeque::new(),
+                });
+                self.lists.len() - 1
+            }
+        };
+        let idle = &mut self.lists[position].idle;
+        let now = Instant::now();
+        while idle
+            .front()
+            .is_some_and(|(_, since)| now.duration_since(*since) >= IDLE_FOR)
+        {
+            idle.pop_front();
+        }
+        if idle.len() >= MAX_IDLE {
+            idle.pop_front();
+        }
+        idle.push_back((connection, now));
+    }
 }
 
 thread_local! {
-    static KEPT: RefCell<Vec<Kept>> = const { RefCell::new(Vec::new()) };
+    static KEPT: RefCell<IdleLists<SendRequest<Body>>> = const { RefCell::new(IdleLists::new()) };
 }
 
 /// Sends `request` (origin-form URI, `Host` set) and returns the answer with its body still
@@ -106,28 +164,39 @@ pub async fn send(
 /// The most recently used idle connection that can take a request, if any.
 async fn take_idle(destination: &Destination) -> Option<SendRequest<Body>> {
     loop {
-        let mut idle = KEPT.with(|kept| {
-            let mut kept = kept.borrow_mut();
-            let entry = kept.iter_mut().find(|entry| entry.key == destination.key)?;
-            entry.idle.pop_back()
-        })?;
-        if idle.since.elapsed() >= IDLE_FOR || idle.sender.is_closed() {
+        let mut sender = KEPT.with(|kept| kept.borrow_mut().take(destination))?;
+        if sender.is_closed() {
             continue;
         }
-        if idle.sender.is_ready() {
-            return Some(idle.sender);
+        if sender.is_ready() {
+            return Some(sender);
         }
         // Its connection task has not yet noticed the previous exchange is over: a moment.
         // Bounded, so a connection stuck for any other reason is dropped, not waited on.
-        if let Ok(Ok(())) =
-            tokio::time::timeout(destination.connect_timeout, idle.sender.ready()).await
+        if let Ok(Ok(())) = tokio::time::timeout(destination.connect_timeout, sender.ready()).await
         {
-            return Some(idle.sender);
+            return Some(sender);
         }
     }
 }
 
 async fn connect(destination: &Destination) -> Result<SendRequest<Body>, ProxyError> {
+    let stream = connect_tcp(destination).await?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|error| ProxyError::Unreachable(error.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// A new TCP connection to the upstream, within the connect timeout.
+pub(super) async fn connect_tcp(
+    destination: &Destination,
+) -> Result<tokio::net::TcpStream, ProxyError> {
     let stream = match tokio::time::timeout(
         destination.connect_timeout,
         tokio::net::TcpStream::connect(&destination.address),
@@ -145,50 +214,15 @@ async fn connect(destination: &Destination) -> Result<SendRequest<Body>, ProxyEr
     };
     // Small requests and answers go out at once instead of waiting for an ACK (Nagle).
     let _ = stream.set_nodelay(true);
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|error| ProxyError::Unreachable(error.to_string()))?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "upstream connection ended with an error");
-        }
-    });
-    Ok(sender)
+    Ok(stream)
 }
 
 /// Puts a connection whose exchange is complete back on this thread's idle list.
 fn give_back(sender: SendRequest<Body>, destination: &Destination) {
-    if sender.is_closed() || destination.alive.strong_count() == 0 {
+    if sender.is_closed() {
         return;
     }
-    KEPT.with(|kept| {
-        let mut kept = kept.borrow_mut();
-        let position = match kept.iter().position(|entry| entry.key == destination.key) {
-            Some(position) => position,
-            None => {
-                // A new upstream on this thread: forget the ones whose gates have stopped.
-                kept.retain(|entry| entry.alive.strong_count() > 0);
-                kept.push(Kept {
-                    key: destination.key,
-                    alive: destination.alive.clone(),
-                    idle: VecDeque::new(),
-                });
-                kept.len() - 1
-            }
-        };
-        let idle = &mut kept[position].idle;
-        let now = Instant::now();
-        while idle
-            .front()
-            .is_some_and(|oldest| now.duration_since(oldest.since) >= IDLE_FOR)
-        {
-            idle.pop_front();
-        }
-        if idle.len() >= MAX_IDLE {
-            idle.pop_front();
-        }
-        idle.push_back(Idle { sender, since: now });
-    });
+    KEPT.with(|kept| kept.borrow_mut().put(destination, sender));
 }
 
 /// The upstream's answer, whose body hands the connection back when it ends (and the request's

@@ -68,6 +68,35 @@ async fn handle(
     request: Request,
 ) -> Result<(Outcome, Response), GateError> {
     let (mut parts, body) = request.into_parts();
+    match classify(state, &mut parts)? {
+        // The hot path: nothing protected here, stream both ways, no database.
+        Route::PassThrough(path_and_query) => {
+            passed(forward(state, parts, path_and_query, body, peer, None).await)
+        }
+        // The rest has its own (boxed) future: its state is large, and inline it would be part
+        // of every pass-through request's future too, and moved along with it.
+        Route::Protected(matched) => Box::pin(protected(state, peer, parts, body, matched)).await,
+    }
+}
+
+/// Where the proxy pipeline sends a request.
+pub enum Route<'a> {
+    /// Nothing protects it: forward it to this target (the canonical path and the raw query),
+    /// streaming, without identifying anyone or reading the body.
+    PassThrough(PathAndQuery),
+    /// A protected route, a release, or a form that may name another method: the careful path.
+    Protected(Matched<'a>),
+}
+
+/// Classifies a request by its head alone, after removing what a client may never send (the
+/// identity header the gate gives the upstream, and its underscore twins). An error is the
+/// answer (a path that cannot be canonicalised, the gate's namespace in disguise). Pure apart
+/// from those removals: the express lane (`crate::express`) asks it too and hands anything
+/// but a pass-through to this pipeline, which then asks again.
+pub fn classify<'a>(
+    state: &'a AppState,
+    parts: &mut http::request::Parts,
+) -> Result<Route<'a>, GateError> {
     // Before anything else: a client may not send the header the gate uses to tell the
     // upstream who was verified.
     if let Some(header) = &state.config.upstream_identity_header {
@@ -126,25 +155,20 @@ async fn handle(
         && is_form(&parts.headers)
         && rules.names_path(&path);
 
-    // The hot path: nothing protected here, stream both ways, no database.
     if candidates.is_empty() && release_of.is_none() && !form_method_override {
-        return passed(forward(state, parts, path_and_query, body, peer, None).await);
+        return Ok(Route::PassThrough(path_and_query));
     }
-
-    // The rest has its own (boxed) future: its state is large, and inline it would be part of
-    // every pass-through request's future too, and moved along with it.
-    let matched = Matched {
+    Ok(Route::Protected(Matched {
         path: path.into_owned(),
         path_and_query,
         release_of,
         candidates,
         form_method_override,
-    };
-    Box::pin(protected(state, peer, parts, body, matched)).await
+    }))
 }
 
 /// What the classification found for a request that is not simply passed through.
-struct Matched<'a> {
+pub struct Matched<'a> {
     path: String,
     path_and_query: PathAndQuery,
     release_of: Option<HeaderValue>,

@@ -7,12 +7,13 @@
 //! handlers need no metrics code of their own.
 
 use std::future::Future;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use tracing::Instrument;
+use http::{HeaderMap, HeaderValue, Method};
+use tracing::{Instrument, Span};
 
 use super::request_id::{self, RequestId};
 use super::AppState;
@@ -49,20 +50,8 @@ where
     Fut: Future<Output = Response>,
 {
     let started = Instant::now();
-    let id = RequestId::from_headers(request.headers());
-    let header_value = id.header_value();
-    // The upstream sees the same id as our logs, whether the edge sent it or we made it.
-    // Room for this and the X-Forwarded-* headers the proxy adds, so the map grows (and
-    // rehashes) once rather than once per header.
-    request.headers_mut().reserve(6);
-    if let Some(value) = &header_value {
-        request
-            .headers_mut()
-            .insert(request_id::HEADER_NAME, value.clone());
-    }
-    // Only the id is a span field: the subscriber formats span fields when the span is made,
-    // on every request, while method and path are needed only by the lines below.
-    let span = tracing::info_span!("request", request_id = %id);
+    let (id, header_value) = tag_request(request.headers_mut());
+    let span = request_span(&id);
     let method = request.method().clone();
     // A cheap clone (shared bytes). Only its path is logged: the query can carry tokens
     // (the cancel link's, for one).
@@ -100,41 +89,94 @@ where
             tracing::info!(%method, path = uri.path(), status, route = %route, duration_ms = millis, "request finished");
         }
         None => {
-            let outcome = match (response.extensions().get::<Outcome>(), error) {
-                (Some(outcome), _) => *outcome,
-                (None, Some(error)) if error.code.starts_with("upstream_") => {
-                    Outcome::UpstreamError
-                }
-                (None, _) => Outcome::Refused,
-            };
-            state
-                .metrics
-                .record_request(outcome, error.map(|error| error.code), took);
-            let _entered = span.enter();
-            // Pass-through lines are debug: the edge logs those already, and at full rate they
-            // would cost more than the forward itself.
-            if outcome == Outcome::Passed {
-                tracing::debug!(
-                    %method,
-                    path = uri.path(),
-                    status,
-                    outcome = outcome.as_str(),
-                    duration_ms = millis,
-                    "request finished"
-                );
-            } else {
-                tracing::info!(
-                    %method,
-                    path = uri.path(),
-                    status,
-                    outcome = outcome.as_str(),
-                    duration_ms = millis,
-                    "request finished"
-                );
-            }
+            let outcome = pipeline_outcome(&response, error);
+            finish_pipeline(
+                state,
+                || span,
+                &method,
+                uri.path(),
+                status,
+                outcome,
+                error,
+                took,
+            );
         }
     }
     response
+}
+
+/// Gives a request its id: the edge's when sane, else a new one, set in the request's headers
+/// for the upstream (with room made for the `X-Forwarded-*` headers the proxy adds, so the map
+/// grows once). Returns the id and its header value, for the response.
+pub fn tag_request(headers: &mut HeaderMap) -> (RequestId, Option<HeaderValue>) {
+    let id = RequestId::from_headers(headers);
+    let header_value = id.header_value();
+    headers.reserve(6);
+    if let Some(value) = &header_value {
+        headers.insert(request_id::HEADER_NAME, value.clone());
+    }
+    (id, header_value)
+}
+
+/// The span every log line of a request is written in. Only the id is a span field: the
+/// subscriber formats span fields when the span is made, while method and path are needed
+/// only by the access line.
+pub fn request_span(id: &RequestId) -> Span {
+    tracing::info_span!("request", request_id = %id)
+}
+
+/// What became of a proxy-pipeline request, from its answer's markers.
+pub fn pipeline_outcome(response: &Response, error: Option<ErrorMarker>) -> Outcome {
+    match (response.extensions().get::<Outcome>(), error) {
+        (Some(outcome), _) => *outcome,
+        (None, Some(error)) if error.code.starts_with("upstream_") => Outcome::UpstreamError,
+        (None, _) => Outcome::Refused,
+    }
+}
+
+/// Counts a proxy-pipeline request in the metrics and writes its access line in the request's
+/// span, made by `span` only when a line is written: a pass-through's line is debug (the edge
+/// logs those already, and at full rate they would cost more than the forward itself).
+#[allow(clippy::too_many_arguments)]
+pub fn finish_pipeline(
+    state: &AppState,
+    span: impl FnOnce() -> Span,
+    method: &Method,
+    path: &str,
+    status: u16,
+    outcome: Outcome,
+    error: Option<ErrorMarker>,
+    took: Duration,
+) {
+    state
+        .metrics
+        .record_request(outcome, error.map(|error| error.code), took);
+    let millis = took.as_secs_f64() * 1000.0;
+    if outcome == Outcome::Passed {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let span = span();
+            let _entered = span.enter();
+            tracing::debug!(
+                %method,
+                path,
+                status,
+                outcome = outcome.as_str(),
+                duration_ms = millis,
+                "request finished"
+            );
+        }
+    } else {
+        let span = span();
+        let _entered = span.enter();
+        tracing::info!(
+            %method,
+            path,
+            status,
+            outcome = outcome.as_str(),
+            duration_ms = millis,
+            "request finished"
+        );
+    }
 }
 
 enum Step {

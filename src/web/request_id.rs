@@ -3,7 +3,6 @@
 //! show it without every handler passing it along.
 
 use std::future::Future;
-use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -14,8 +13,10 @@ pub const HEADER_NAME: HeaderName = HeaderName::from_static(HEADER);
 /// logs, headers and pages.
 const MAX_LEN: usize = 128;
 
+/// Held as its header value: it is sent both ways on every request, and the edge's own is
+/// kept without a copy. Only ever made of the characters [`is_acceptable`] allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestId(Arc<str>);
+pub struct RequestId(HeaderValue);
 
 impl RequestId {
     /// The edge's id when it is acceptable, else a fresh one.
@@ -23,7 +24,7 @@ impl RequestId {
         let mut values = headers.get_all(HEADER_NAME).iter();
         match (values.next(), values.next()) {
             (Some(value), None) => match value.to_str() {
-                Ok(text) if is_acceptable(text) => RequestId(Arc::from(text)),
+                Ok(text) if is_acceptable(text) => RequestId(value.clone()),
                 _ => RequestId::generate(),
             },
             _ => RequestId::generate(),
@@ -37,21 +38,24 @@ impl RequestId {
         let mut bytes = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut bytes);
         let id = uuid::Builder::from_random_bytes(bytes).into_uuid();
-        RequestId(Arc::from(id.hyphenated().to_string()))
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let text = id.hyphenated().encode_lower(&mut text);
+        RequestId(HeaderValue::from_str(text).unwrap_or(HeaderValue::from_static("unknown")))
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        // Acceptable ids are ASCII, so this never falls back.
+        self.0.to_str().unwrap_or("unknown")
     }
 
     pub fn header_value(&self) -> Option<HeaderValue> {
-        HeaderValue::from_str(&self.0).ok()
+        Some(self.0.clone())
     }
 }
 
 impl std::fmt::Display for RequestId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
@@ -70,6 +74,11 @@ tokio::task_local! {
 /// Runs `work` with `id` as the current request id.
 pub async fn scope<F: Future>(id: RequestId, work: F) -> F::Output {
     CURRENT.scope(id, work).await
+}
+
+/// Runs `work` (synchronous) with `id` as the current request id.
+pub fn scope_sync<R>(id: RequestId, work: impl FnOnce() -> R) -> R {
+    CURRENT.sync_scope(id, work)
 }
 
 /// The id of the request being served, if any.
