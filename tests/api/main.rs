@@ -42,5 +42,7 @@ mod openapi;
 mod pages;
 mod passthrough;
 mod refusals;
+mod shutdown;
 mod story;
 mod upstream_failures;
+mod wire;
