@@ -13,7 +13,12 @@ enum State {
         value: u64,
         digits: u8,
     },
-    /// After the digits: extensions, up to CR.
+    /// Whitespace after the digits (RFC 9112's BWS): only more of it, `;` or CR may follow.
+    SizeSpace {
+        value: u64,
+        seen: usize,
+    },
+    /// After `;`: extensions, up to CR.
     Extension {
         value: u64,
         seen: usize,
@@ -79,9 +84,22 @@ impl Decoder {
                         digits: digits + 1,
                     },
                     None if digits > 0 && byte == b'\r' => State::SizeLf { value },
-                    None if digits > 0 && matches!(byte, b';' | b' ' | b'\t') => {
-                        State::Extension { value, seen: 1 }
+                    None if digits > 0 && byte == b';' => State::Extension { value, seen: 1 },
+                    None if digits > 0 && matches!(byte, b' ' | b'\t') => {
+                        State::SizeSpace { value, seen: 1 }
                     }
+                    _ => return Err(Malformed),
+                },
+                State::SizeSpace { value, seen } => match byte {
+                    b'\r' => State::SizeLf { value },
+                    b';' => State::Extension {
+                        value,
+                        seen: seen + 1,
+                    },
+                    b' ' | b'\t' if seen < MAX_LINE => State::SizeSpace {
+                        value,
+                        seen: seen + 1,
+                    },
                     _ => return Err(Malformed),
                 },
                 State::Extension { value, seen } => match byte {
@@ -228,7 +246,8 @@ mod tests {
 
     #[test]
     fn a_chunked_body_is_read_to_its_exact_end_in_any_pieces() {
-        let body = b"5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: 1\r\n\r\nHTTP/1.1 200";
+        let body =
+            b"5;name=value\r\nhello\r\n6 \t;x\r\n world\r\n0\r\nx-trailer: 1\r\n\r\nHTTP/1.1 200";
         for piece in 1..body.len() {
             let (out, used, done) = decode_in_pieces(body, piece).expect("well-formed");
             assert!(done, "piece size {piece}");
@@ -252,6 +271,8 @@ mod tests {
             b"5\r\nhello\r\n0\r\nbad\ntrailer\r\n\r\n",
             b"5;ext\nhello",
             b"-5\r\nhello\r\n0\r\n\r\n",
+            b"5 5\r\nhello\r\n0\r\n\r\n",
+            b"5 x\r\nhello\r\n0\r\n\r\n",
         ] {
             assert!(
                 decode_in_pieces(bad, bad.len()).is_err(),

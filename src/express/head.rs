@@ -17,8 +17,8 @@ pub struct RequestHead {
     /// The head's bytes as read, for hyper if the request is handed over after all.
     pub raw: Bytes,
     pub parts: http::request::Parts,
-    /// `Content-Length`, 0 when absent.
-    pub body_len: usize,
+    /// `Content-Length`, if the client sent one.
+    pub content_length: Option<usize>,
     /// The client said `Connection: close`.
     pub close: bool,
 }
@@ -33,7 +33,8 @@ pub enum Parsed {
     Partial,
     /// Anything the express lane leaves to hyper: a malformed head (hyper answers it), another
     /// HTTP version, `CONNECT`, a target that is not a path, `Transfer-Encoding`, `Expect`,
-    /// `Upgrade`, more than one `Content-Length` or one that is not plain digits.
+    /// `Upgrade`, more than one `Content-Length` or one that is not plain digits, a
+    /// `Connection` naming anything but `close` and `keep-alive`.
     Unusual,
 }
 
@@ -77,7 +78,7 @@ pub fn parse_request(buffer: &mut BytesMut) -> Parsed {
     Parsed::Plain(RequestHead {
         raw,
         parts,
-        body_len: found.body_len.unwrap_or(0),
+        content_length: found.body_len,
         close: found.close,
     })
 }
@@ -141,10 +142,16 @@ fn find(buffer: &[u8]) -> Result<Found, NotPlain> {
                 _ => return Err(NotPlain::Unusual),
             }
         } else if name.eq_ignore_ascii_case("connection") {
-            found.close |= field
-                .value
-                .split(|&b| b == b',')
-                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
+            // `Connection` may name any header as connection-scoped, and the proxy then
+            // removes it (`Connection: content-length` would take the framing with it).
+            // Only the two everyday tokens stay here; anything else is hyper's to handle.
+            for token in field.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    found.close = true;
+                } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
+                    return Err(NotPlain::Unusual);
+                }
+            }
         }
         let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
             return Err(NotPlain::Unusual);
@@ -181,6 +188,8 @@ pub struct ResponseHead {
     pub framing: Framing,
     /// The upstream may keep the connection open for another request.
     pub reusable: bool,
+    /// The head says `connection: close` to the client: its connection ends after the body.
+    pub closing: bool,
 }
 
 /// What the upstream's bytes so far hold.
@@ -234,7 +243,6 @@ pub fn parse_response(
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut reusable = response.version == Some(1);
-    let mut has_date = false;
     for field in response.headers.iter() {
         let name = field.name;
         if name.eq_ignore_ascii_case("content-length") {
@@ -253,8 +261,6 @@ pub fn parse_response(
                 .value
                 .split(|&b| b == b',')
                 .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
-        } else if name.eq_ignore_ascii_case("date") {
-            has_date = true;
         }
     }
     if chunked && length.is_some() {
@@ -293,10 +299,13 @@ pub fn parse_response(
         .flat_map(|field| field.value.split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .collect();
-    let mut length_written = false;
+    let mut has_date = false;
     for field in response.headers.iter() {
         let name = field.name;
-        if HOP_BY_HOP.iter().any(|hop| name.eq_ignore_ascii_case(hop))
+        // The framing is written below from what was parsed above, never copied: a
+        // `Connection` naming `Content-Length` must not take the client's framing with it.
+        if name.eq_ignore_ascii_case("content-length")
+            || HOP_BY_HOP.iter().any(|hop| name.eq_ignore_ascii_case(hop))
             || name.eq_ignore_ascii_case(crate::web::request_id::HEADER)
             || named
                 .iter()
@@ -304,14 +313,7 @@ pub fn parse_response(
         {
             continue;
         }
-        if name.eq_ignore_ascii_case("content-length") {
-            // Equal duplicates were checked above: one is enough. A 204 or 304 has no body
-            // and says nothing about one here (as hyper, on the other lane, also leaves out).
-            if length_written || status == 204 || status == 304 {
-                continue;
-            }
-            length_written = true;
-        }
+        has_date |= name.eq_ignore_ascii_case("date");
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(field.value);
@@ -322,6 +324,18 @@ pub fn parse_response(
     }
     if !has_date {
         super::date::write_line(out);
+    }
+    match (framing, length) {
+        // An answer to HEAD says how long the body would be. A 204 or 304 says nothing of a
+        // body (as hyper, on the other lane, also leaves out).
+        (Framing::Length(length), _) | (Framing::Empty, Some(length))
+            if status != 204 && status != 304 =>
+        {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(length.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        _ => {}
     }
     if matches!(framing, Framing::Chunked | Framing::UntilClose) {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -335,6 +349,7 @@ pub fn parse_response(
         status,
         framing,
         reusable,
+        closing,
     }))
 }
 
@@ -374,7 +389,7 @@ mod tests {
         assert_eq!(head.parts.uri.query(), Some("x=1"));
         assert_eq!(head.parts.headers["x-custom"], "v");
         assert_eq!(head.parts.headers.len(), 3);
-        assert_eq!(head.body_len, 2);
+        assert_eq!(head.content_length, Some(2));
         assert!(!head.close);
         assert_eq!(
             &head.raw[..],
@@ -385,7 +400,7 @@ mod tests {
 
     #[test]
     fn connection_close_is_noticed_among_other_tokens() {
-        let (parsed, _) = parse("GET / HTTP/1.1\r\nConnection: x-foo, Close\r\n\r\n");
+        let (parsed, _) = parse("GET / HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n");
         let Parsed::Plain(head) = parsed else {
             panic!("a plain head")
         };
@@ -418,6 +433,9 @@ mod tests {
             "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
             "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
             "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            // `Connection` can make the proxy drop any header, the framing included.
+            "POST / HTTP/1.1\r\nConnection: content-length\r\nContent-Length: 2\r\n\r\n{}",
+            "GET / HTTP/1.1\r\nConnection: x-user-id\r\nX-User-Id: a\r\n\r\n",
             "GET / HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n",
             "GET / HTTP/1.1\r\nX-A : 1\r\n\r\n",
             "GET / HTTP/1.1\r\nX-A: a\0b\r\n\r\n",
@@ -535,8 +553,8 @@ mod tests {
         assert_eq!(&text[head.len..], "ok");
         assert_eq!(
             out,
-            "HTTP/1.1 201 Made\r\nContent-Length: 2\r\nDate: Tue, 24 Nov 2026 10:00:00 GMT\r\n\
-             X-Kept: yes\r\nx-request-id: gate-id\r\n\r\n"
+            "HTTP/1.1 201 Made\r\nDate: Tue, 24 Nov 2026 10:00:00 GMT\r\n\
+             X-Kept: yes\r\nx-request-id: gate-id\r\ncontent-length: 2\r\n\r\n"
         );
     }
 

@@ -30,14 +30,14 @@ use std::time::Instant;
 
 use axum::response::Response;
 use bytes::{Buf, Bytes, BytesMut};
-use http::Method;
+use http::{HeaderValue, Method};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::error::GateError;
 use crate::metrics::Outcome;
-use crate::proxy::{ProxyError, RawConnection};
+use crate::proxy::{ClientIp, ProxyError, RawConnection};
 use crate::web::dispatch::Gate;
 use crate::web::gateway::{self, Route};
 use crate::web::observe::{self, ErrorMarker};
@@ -75,6 +75,7 @@ pub async fn serve(
     let mut inbound = BytesMut::with_capacity(4096);
     let mut scratch = Scratch::default();
     let mut timer = Timer::new();
+    let client_ip = ClientIp::new(peer.ip());
     loop {
         let head = match read_head(state, &mut client, &mut inbound, &mut timer, drain).await {
             HeadRead::Plain(head) => head,
@@ -86,10 +87,10 @@ pub async fn serve(
         let head::RequestHead {
             raw,
             mut parts,
-            body_len,
+            content_length,
             close,
-            ..
         } = head;
+        let body_len = content_length.unwrap_or(0);
         let path_and_query = match gateway::classify(state, &mut parts) {
             Ok(Route::PassThrough(path_and_query)) => path_and_query,
             // The pipeline answers refusals and protected requests, from the same bytes.
@@ -97,6 +98,10 @@ pub async fn serve(
                 return Ended::HandOver(Prefixed::new(client, raw, inbound))
             }
         };
+        // A large body is streamed by hyper, even if it happens to have arrived already.
+        if body_len > SMALL_BODY {
+            return Ended::HandOver(Prefixed::new(client, raw, inbound));
+        }
         if inbound.len() < body_len {
             match read_body(state, &mut client, &mut inbound, &mut timer, body_len).await {
                 BodyRead::Whole => {}
@@ -104,28 +109,22 @@ pub async fn serve(
                 BodyRead::Over => return Ended::Closed,
             }
         }
-        let closing = close || *drain.borrow();
         let request = Request {
             method: parts.method,
             path: parts.uri,
             headers: parts.headers,
             path_and_query,
-            body_len,
-            closing,
+            content_length,
+            close_asked: close,
         };
-        match pass_through(
-            state,
-            peer,
-            &mut client,
-            &mut inbound,
-            request,
-            &mut scratch,
-            &mut timer,
-        )
-        .await
-        {
-            Ok(()) if !closing => scratch.shrink(),
-            Ok(()) | Err(ClientGone) => return Ended::Closed,
+        let on = Connection {
+            client: &mut client,
+            client_ip: &client_ip,
+            drain,
+        };
+        match pass_through(state, on, &mut inbound, request, &mut scratch, &mut timer).await {
+            Ok(()) => scratch.shrink(),
+            Err(Over) => return Ended::Closed,
         }
         if inbound.capacity() > KEEP_CAPACITY && inbound.len() < KEEP_CAPACITY {
             let mut smaller = BytesMut::with_capacity(4096);
@@ -162,13 +161,29 @@ struct Request {
     path: http::Uri,
     headers: http::HeaderMap,
     path_and_query: http::uri::PathAndQuery,
-    body_len: usize,
-    /// The connection ends after this answer.
-    closing: bool,
+    /// The client's, so also the length of the body read whole after the head.
+    content_length: Option<usize>,
+    /// The client said `Connection: close`.
+    close_asked: bool,
 }
 
-/// The client connection failed or ended mid-answer: nothing more can be said on it.
-struct ClientGone;
+/// The client connection a request came on.
+struct Connection<'a> {
+    client: &'a mut TcpStream,
+    client_ip: &'a ClientIp,
+    /// True once the gate shuts down: the answer then says `close`, and the connection ends.
+    drain: &'a watch::Receiver<bool>,
+}
+
+impl Connection<'_> {
+    /// Whether the answer about to be written is the connection's last.
+    fn closing(&self, close_asked: bool) -> bool {
+        close_asked || *self.drain.borrow()
+    }
+}
+
+/// The connection is over: it failed, ended mid-answer, or the answer said `close`.
+struct Over;
 
 #[allow(clippy::large_enum_variant)] // As `head::Parsed`: one per request, moved once.
 enum HeadRead {
@@ -200,7 +215,8 @@ async fn read_head(
         } else if *drain.borrow() {
             return HeadRead::Over;
         }
-        let deadline = *deadline.get_or_insert_with(|| Instant::now() + limits.header_timeout);
+        let deadline =
+            *deadline.get_or_insert_with(|| after(Instant::now(), limits.header_timeout));
         let idle = inbound.is_empty();
         match read_more(client, inbound, deadline, timer, idle.then_some(drain)).await {
             Read::Data => {}
@@ -224,10 +240,7 @@ async fn read_body(
     timer: &mut Timer,
     body_len: usize,
 ) -> BodyRead {
-    if body_len > SMALL_BODY {
-        return BodyRead::Unusual;
-    }
-    let deadline = Instant::now() + state.config.limits.header_timeout;
+    let deadline = after(Instant::now(), state.config.limits.header_timeout);
     inbound.reserve(body_len - inbound.len());
     while inbound.len() < body_len {
         match read_more(client, inbound, deadline, timer, None).await {
@@ -237,6 +250,15 @@ async fn read_body(
         }
     }
     BodyRead::Whole
+}
+
+/// `start + wait`, or a year from `start` for a wait too long to add (a configured timeout has
+/// no upper bound).
+fn after(start: Instant, wait: std::time::Duration) -> Instant {
+    start
+        .checked_add(wait)
+        .or_else(|| start.checked_add(std::time::Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(start)
 }
 
 enum Read {
@@ -391,13 +413,12 @@ pub fn wake_parked() {
 /// as the client cannot be told otherwise.
 async fn pass_through(
     state: &AppState,
-    peer: SocketAddr,
-    client: &mut TcpStream,
+    on: Connection<'_>,
     inbound: &mut BytesMut,
     mut request: Request,
     scratch: &mut Scratch,
     timer: &mut Timer,
-) -> Result<(), ClientGone> {
+) -> Result<(), Over> {
     let started = Instant::now();
     let (id, id_value) = observe::tag_request(&mut request.headers);
     let out = &mut scratch.out;
@@ -407,22 +428,17 @@ async fn pass_through(
         &request.method,
         &request.path_and_query,
         &mut request.headers,
-        peer.ip(),
+        on.client_ip,
+        request.content_length,
     );
-    out.extend_from_slice(&inbound[..request.body_len]);
-    inbound.advance(request.body_len);
-    let mut id_line = Vec::with_capacity(64);
-    if let Some(value) = &id_value {
-        id_line.extend_from_slice(request_id::HEADER.as_bytes());
-        id_line.extend_from_slice(b": ");
-        id_line.extend_from_slice(value.as_bytes());
-        id_line.extend_from_slice(b"\r\n");
-    }
-    let deadline = started + state.config.limits.upstream_timeout;
+    let body_len = request.content_length.unwrap_or(0);
+    out.extend_from_slice(&inbound[..body_len]);
+    inbound.advance(body_len);
+    let deadline = after(started, state.config.limits.upstream_timeout);
     let asked = Asked {
         head_request: request.method == Method::HEAD,
-        closing: request.closing,
-        id_line: &id_line,
+        closing: &|| on.closing(request.close_asked),
+        id: id_value.as_ref().map(HeaderValue::as_bytes),
     };
     let answered = exchange(state, scratch, &asked, deadline, timer).await;
     let (mut connection, answer) = match answered {
@@ -442,7 +458,8 @@ async fn pass_through(
                 marker,
                 took,
             );
-            return write_gate_answer(client, response, id_value, request.closing).await;
+            let closing = on.closing(request.close_asked);
+            return write_gate_answer(on.client, response, id_value, closing).await;
         }
     };
     observe::finish_pipeline(
@@ -461,7 +478,7 @@ async fn pass_through(
     let copied = copy_body(
         answer.framing,
         &mut connection.stream,
-        client,
+        on.client,
         upstream,
         out,
     )
@@ -472,10 +489,11 @@ async fn pass_through(
                 state.upstream.keep_raw(connection.stream);
             }
         }
-        Err(_) => return Err(ClientGone),
+        Err(_) => return Err(Over),
     }
-    if request.closing {
-        let _ = client.shutdown().await;
+    if answer.closing {
+        let _ = on.client.shutdown().await;
+        return Err(Over);
     }
     Ok(())
 }
@@ -483,9 +501,10 @@ async fn pass_through(
 /// What the client asked that shapes the answer.
 struct Asked<'a> {
     head_request: bool,
-    closing: bool,
-    /// The `X-Request-Id` line for the answer.
-    id_line: &'a [u8],
+    /// Whether the answer is the connection's last, asked when its head is written.
+    closing: &'a (dyn Fn() -> bool + Sync),
+    /// The `X-Request-Id` for the answer.
+    id: Option<&'a [u8]>,
 }
 
 /// Sends `scratch.out` upstream and reads the answer head into `scratch.upstream`, writing the
@@ -498,21 +517,21 @@ async fn exchange(
     timer: &mut Timer,
 ) -> Result<(RawConnection, head::ResponseHead), ProxyError> {
     let upstream = &state.upstream;
-    let mut connection = upstream.raw_connection().await?;
+    let mut connection = by(deadline, upstream.raw_connection()).await?;
     match write_until(&mut connection.stream, &scratch.out, deadline, timer).await {
         Written::All => {}
         Written::TimedOut => return Err(ProxyError::Timeout),
-        // A kept connection the upstream had closed: nothing of the request was taken, so it
-        // goes once more, on a new connection. A new one failing is the upstream's failure.
-        Written::Failed(_) if connection.reused => {
-            connection = upstream.new_raw_connection().await?;
+        // A kept connection the upstream had closed before any of the request went out: it
+        // goes once more, on a new connection. Once a byte is out it never goes twice.
+        Written::Failed { sent: 0, .. } if connection.reused => {
+            connection = by(deadline, upstream.new_raw_connection()).await?;
             match write_until(&mut connection.stream, &scratch.out, deadline, timer).await {
                 Written::All => {}
                 Written::TimedOut => return Err(ProxyError::Timeout),
-                Written::Failed(error) => return Err(ProxyError::Failed(error.to_string())),
+                Written::Failed { error, .. } => return Err(ProxyError::Failed(error.to_string())),
             }
         }
-        Written::Failed(error) => return Err(ProxyError::Failed(error.to_string())),
+        Written::Failed { error, .. } => return Err(ProxyError::Failed(error.to_string())),
     }
     let buffer = &mut scratch.upstream;
     buffer.clear();
@@ -523,8 +542,11 @@ async fn exchange(
                 buffer,
                 asked.head_request,
                 &mut scratch.out,
-                &[asked.id_line],
-                asked.closing,
+                &match asked.id {
+                    Some(id) => [request_id::HEADER.as_bytes(), b": ", id, b"\r\n"],
+                    None => [&b""[..]; 4],
+                },
+                (asked.closing)(),
             ) {
                 Ok(ParsedResponse::Complete(answer)) => return Ok((connection, answer)),
                 Ok(ParsedResponse::Interim(len)) => {
@@ -550,10 +572,26 @@ async fn exchange(
     }
 }
 
+/// Connecting counts against the upstream timeout too, as on the hyper lane. (No timer is armed
+/// when a kept connection is at hand: the inner future is polled first.)
+async fn by(
+    deadline: Instant,
+    connecting: impl Future<Output = Result<RawConnection, ProxyError>>,
+) -> Result<RawConnection, ProxyError> {
+    match tokio::time::timeout_at(deadline.into(), connecting).await {
+        Ok(connected) => connected,
+        Err(_) => Err(ProxyError::Timeout),
+    }
+}
+
 enum Written {
     All,
     TimedOut,
-    Failed(std::io::Error),
+    /// The write failed after `sent` bytes had gone out.
+    Failed {
+        error: std::io::Error,
+        sent: usize,
+    },
 }
 
 /// Writes all of `data` by `deadline`: an upstream that stops reading a request must not hold
@@ -564,15 +602,22 @@ async fn write_until(
     deadline: Instant,
     timer: &mut Timer,
 ) -> Written {
-    let mut writing = std::pin::pin!(stream.write_all(data));
+    let mut sent = 0;
     std::future::poll_fn(|cx| {
-        if let Poll::Ready(written) = writing.as_mut().poll(cx) {
-            return Poll::Ready(match written {
-                Ok(()) => Written::All,
-                Err(error) => Written::Failed(error),
-            });
+        while sent < data.len() {
+            match Pin::new(&mut *stream).poll_write(cx, &data[sent..]) {
+                Poll::Ready(Ok(0)) => {
+                    let error = std::io::Error::from(std::io::ErrorKind::WriteZero);
+                    return Poll::Ready(Written::Failed { error, sent });
+                }
+                Poll::Ready(Ok(n)) => sent += n,
+                Poll::Ready(Err(error)) => return Poll::Ready(Written::Failed { error, sent }),
+                Poll::Pending => {
+                    return timer.poll_until(cx, deadline).map(|()| Written::TimedOut);
+                }
+            }
         }
-        timer.poll_until(cx, deadline).map(|()| Written::TimedOut)
+        Poll::Ready(Written::All)
     })
     .await
 }
@@ -673,7 +718,7 @@ async fn write_gate_answer(
     response: Response,
     id_value: Option<http::HeaderValue>,
     closing: bool,
-) -> Result<(), ClientGone> {
+) -> Result<(), Over> {
     let (mut parts, body) = response.into_parts();
     if let Some(value) = id_value {
         parts.headers.insert(request_id::HEADER_NAME, value);
@@ -703,7 +748,7 @@ async fn write_gate_answer(
     out.extend_from_slice(&body);
     if client.write_all(&out).await.is_err() || closing {
         let _ = client.shutdown().await;
-        return Err(ClientGone);
+        return Err(Over);
     }
     Ok(())
 }

@@ -117,6 +117,22 @@ pub struct Outgoing {
     pub approval: Option<String>,
 }
 
+/// A client's address as `X-Forwarded-For` names it, made once per client connection by the
+/// express lane rather than formatted per request.
+pub struct ClientIp {
+    ip: IpAddr,
+    text: HeaderValue,
+}
+
+impl ClientIp {
+    pub fn new(ip: IpAddr) -> ClientIp {
+        // An address's text is always a valid header value.
+        let text = HeaderValue::try_from(ip.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ClientIp { ip, text }
+    }
+}
+
 /// Tells one [`Upstream`]'s kept connections from another's (tests run several gates).
 static NEXT_UPSTREAM_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -196,7 +212,8 @@ impl Upstream {
                 .map_err(|e| ProxyError::Failed(e.to_string()))?
         };
         let mut headers = outgoing.headers;
-        self.prepare_request_headers(&mut headers, outgoing.client_ip, outgoing.idempotency_key);
+        let client_ip = outgoing.client_ip.map(ClientIp::new);
+        self.prepare_request_headers(&mut headers, client_ip.as_ref(), outgoing.idempotency_key);
         if let Some(approval) = outgoing.approval {
             // After the client's `Stepgate-*` headers were removed in `prepare_request_headers`.
             match HeaderValue::from_str(&approval) {
@@ -234,7 +251,7 @@ impl Upstream {
     fn prepare_request_headers(
         &self,
         headers: &mut HeaderMap,
-        client_ip: Option<IpAddr>,
+        client_ip: Option<&ClientIp>,
         idempotency_key: Option<String>,
     ) {
         // Removals first, so a client cannot use `Connection: X-Forwarded-For` to remove a
@@ -242,14 +259,14 @@ impl Upstream {
         remove_where(headers, is_withheld_from_upstream);
         headers.insert(header::HOST, self.host.clone());
 
-        if let Some(client_ip) = client_ip {
+        if let Some(client) = client_ip {
             let forwarded_for = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::to_str) {
                 Some(Ok(existing)) if !existing.trim().is_empty() => {
-                    format!("{existing}, {client_ip}")
+                    HeaderValue::try_from(format!("{existing}, {}", client.ip)).ok()
                 }
-                _ => client_ip.to_string(),
+                _ => Some(client.text.clone()),
             };
-            if let Ok(value) = HeaderValue::try_from(forwarded_for) {
+            if let Some(value) = forwarded_for {
                 headers.insert(X_FORWARDED_FOR, value);
             }
         }

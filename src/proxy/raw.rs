@@ -3,7 +3,6 @@
 //! hygiene as [`Upstream::forward`]. Reading the answer is the express lane's own job.
 
 use std::cell::RefCell;
-use std::net::IpAddr;
 use std::task::{Context, Poll};
 
 use http::uri::PathAndQuery;
@@ -11,7 +10,7 @@ use http::{HeaderMap, Method};
 use tokio::net::TcpStream;
 
 use super::pool::{self, IdleLists};
-use super::{ProxyError, Upstream};
+use super::{ClientIp, ProxyError, Upstream};
 
 thread_local! {
     static KEPT: RefCell<IdleLists<TcpStream>> = const { RefCell::new(IdleLists::new()) };
@@ -55,17 +54,23 @@ impl Upstream {
 
     /// Appends the HTTP/1.1 head of `method path_and_query` to `out`, with `headers` made
     /// ready exactly as [`Upstream::forward`] makes them (removals first, then `Host` and
-    /// `X-Forwarded-*`). The caller has removed framing it does not support; a body's
-    /// `Content-Length` is among `headers`.
+    /// `X-Forwarded-*`). The framing is the caller's, never the client's: `content_length`
+    /// is the length of the body the caller sends after the head (`None`: no body, and no
+    /// `Content-Length`). Other framing (`Transfer-Encoding`) is hop-by-hop and removed.
     pub fn write_head(
         &self,
         out: &mut Vec<u8>,
         method: &Method,
         path_and_query: &PathAndQuery,
         headers: &mut HeaderMap,
-        client_ip: IpAddr,
+        client_ip: &ClientIp,
+        content_length: Option<usize>,
     ) {
         self.prepare_request_headers(headers, Some(client_ip), None);
+        headers.remove(http::header::CONTENT_LENGTH);
+        if let Some(length) = content_length {
+            headers.insert(http::header::CONTENT_LENGTH, length.into());
+        }
         out.extend_from_slice(method.as_str().as_bytes());
         out.push(b' ');
         out.extend_from_slice(self.base_path.as_bytes());

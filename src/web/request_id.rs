@@ -39,8 +39,13 @@ impl RequestId {
         rand::thread_rng().fill_bytes(&mut bytes);
         let id = uuid::Builder::from_random_bytes(bytes).into_uuid();
         let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        let text = id.hyphenated().encode_lower(&mut text);
-        RequestId(HeaderValue::from_str(text).unwrap_or(HeaderValue::from_static("unknown")))
+        id.hyphenated().encode_lower(&mut text);
+        // Owned by the shared bytes themselves: one allocation, and every clone (the id goes
+        // upstream, back to the client and into the logs) only counts a reference.
+        RequestId(
+            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text))
+                .unwrap_or(HeaderValue::from_static("unknown")),
+        )
     }
 
     pub fn as_str(&self) -> &str {
