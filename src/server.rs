@@ -171,7 +171,7 @@ impl Server {
                         return;
                     }
                 };
-                match crate::express::serve(&gate, stream, peer, &drain).await {
+                match crate::express::serve(&gate, stream, peer).await {
                     Ended::Closed => {}
                     Ended::HandOver(connection) => {
                         serve_with_hyper(gate, connection, peer, &http, drain).await;

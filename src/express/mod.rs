@@ -25,6 +25,7 @@ mod head;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -33,7 +34,6 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderValue, Method};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
 use crate::error::GateError;
 use crate::metrics::Outcome;
@@ -63,21 +63,19 @@ pub enum Ended {
     HandOver(Prefixed),
 }
 
-/// Serves `client` for as long as its requests are plain pass-throughs. `drain` turns true
-/// when the gate shuts down: an idle connection is closed then, a busy one after its answer.
-pub async fn serve(
-    gate: &Gate,
-    mut client: TcpStream,
-    peer: SocketAddr,
-    drain: &watch::Receiver<bool>,
-) -> Ended {
+/// Serves `client` for as long as its requests are plain pass-throughs. Once the gate is
+/// shutting down (`AppState::draining`), an idle connection is closed, a busy one after its
+/// answer.
+pub async fn serve(gate: &Gate, mut client: TcpStream, peer: SocketAddr) -> Ended {
     let state = gate.state();
     let mut inbound = BytesMut::with_capacity(4096);
     let mut scratch = Scratch::default();
     let mut timer = Timer::new();
+    let mut parked = parked::Parked::default();
     let client_ip = ClientIp::new(peer.ip());
     loop {
-        let head = match read_head(state, &mut client, &mut inbound, &mut timer, drain).await {
+        let head = match read_head(state, &mut client, &mut inbound, &mut timer, &mut parked).await
+        {
             HeadRead::Plain(head) => head,
             HeadRead::Unusual => {
                 return Ended::HandOver(Prefixed::new(client, Bytes::new(), inbound))
@@ -120,7 +118,7 @@ pub async fn serve(
         let on = Connection {
             client: &mut client,
             client_ip: &client_ip,
-            drain,
+            draining: &state.draining,
         };
         match pass_through(state, on, &mut inbound, request, &mut scratch, &mut timer).await {
             Ok(()) => scratch.shrink(),
@@ -172,13 +170,13 @@ struct Connection<'a> {
     client: &'a mut TcpStream,
     client_ip: &'a ClientIp,
     /// True once the gate shuts down: the answer then says `close`, and the connection ends.
-    drain: &'a watch::Receiver<bool>,
+    draining: &'a AtomicBool,
 }
 
 impl Connection<'_> {
     /// Whether the answer about to be written is the connection's last.
     fn closing(&self, close_asked: bool) -> bool {
-        close_asked || *self.drain.borrow()
+        close_asked || self.draining.load(Ordering::Relaxed)
     }
 }
 
@@ -197,7 +195,7 @@ async fn read_head(
     client: &mut TcpStream,
     inbound: &mut BytesMut,
     timer: &mut Timer,
-    drain: &watch::Receiver<bool>,
+    parked: &mut parked::Parked,
 ) -> HeadRead {
     let limits = &state.config.limits;
     let mut deadline = None;
@@ -212,13 +210,14 @@ async fn read_head(
                 }
                 Parsed::Partial => {}
             }
-        } else if *drain.borrow() {
+        } else if state.draining.load(Ordering::Relaxed) {
             return HeadRead::Over;
         }
         let deadline =
             *deadline.get_or_insert_with(|| after(Instant::now(), limits.header_timeout));
         let idle = inbound.is_empty();
-        match read_more(client, inbound, deadline, timer, idle.then_some(drain)).await {
+        let drain = idle.then_some((&state.draining, &mut *parked));
+        match read_more(client, inbound, deadline, timer, drain).await {
             Read::Data => {}
             Read::Ended | Read::TimedOut | Read::Drained => return HeadRead::Over,
         }
@@ -276,13 +275,13 @@ async fn read_more(
     buffer: &mut BytesMut,
     deadline: Instant,
     timer: &mut Timer,
-    drain: Option<&watch::Receiver<bool>>,
+    drain: Option<(&AtomicBool, &mut parked::Parked)>,
 ) -> Read {
     if buffer.capacity() - buffer.len() < 1024 {
         buffer.reserve(4096);
     }
     let mut reading = std::pin::pin!(stream.read_buf(buffer));
-    let mut parked = parked::Parked::default();
+    let mut drain = drain;
     std::future::poll_fn(|cx| {
         if let Poll::Ready(read) = reading.as_mut().poll(cx) {
             return Poll::Ready(match read {
@@ -290,8 +289,8 @@ async fn read_more(
                 Ok(_) => Read::Data,
             });
         }
-        if let Some(drain) = drain {
-            if parked.poll(cx, || *drain.borrow()).is_ready() {
+        if let Some((draining, parked)) = &mut drain {
+            if parked.poll(cx, draining).is_ready() {
                 return Poll::Ready(Read::Drained);
             }
         }
@@ -337,6 +336,7 @@ impl Timer {
 /// them to close (a `watch` wait would lock and unlock a mutex twice per request instead).
 mod parked {
     use std::cell::RefCell;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::task::{Context, Poll, Waker};
 
     thread_local! {
@@ -348,16 +348,17 @@ mod parked {
         free: Vec<usize>,
     }
 
-    /// One wait's place among this thread's parked connections; left when dropped.
+    /// A connection's place among this thread's parked ones, taken at its first wait (its
+    /// task's waker does not change) and left when the connection ends.
     #[derive(Default)]
     pub struct Parked {
         slot: Option<usize>,
     }
 
     impl Parked {
-        /// Ready when `draining` says so; otherwise parks this task to be woken by [`wake_all`].
-        pub fn poll(&mut self, cx: &mut Context<'_>, draining: impl Fn() -> bool) -> Poll<()> {
-            if draining() {
+        /// Ready when `draining` is set; otherwise parks this task to be woken by [`wake_all`].
+        pub fn poll(&mut self, cx: &mut Context<'_>, draining: &AtomicBool) -> Poll<()> {
+            if draining.load(Ordering::Relaxed) {
                 return Poll::Ready(());
             }
             if self.slot.is_none() {
@@ -440,7 +441,7 @@ async fn pass_through(
         closing: &|| on.closing(request.close_asked),
         id: id_value.as_ref().map(HeaderValue::as_bytes),
     };
-    let answered = exchange(state, scratch, &asked, deadline, timer).await;
+    let answered = exchange(state, scratch, &asked, (started, deadline), timer).await;
     let (mut connection, answer) = match answered {
         Ok(answered) => answered,
         Err(error) => {
@@ -486,7 +487,8 @@ async fn pass_through(
     match copied {
         Ok(Copied { reusable }) => {
             if reusable && answer.reusable {
-                state.upstream.keep_raw(connection.stream);
+                // The request's start stands in for now: the connection only looks older.
+                state.upstream.keep_raw(connection.stream, started);
             }
         }
         Err(_) => return Err(Over),
@@ -513,11 +515,14 @@ async fn exchange(
     state: &AppState,
     scratch: &mut Scratch,
     asked: &Asked<'_>,
-    deadline: Instant,
+    (started, deadline): (Instant, Instant),
     timer: &mut Timer,
 ) -> Result<(RawConnection, head::ResponseHead), ProxyError> {
     let upstream = &state.upstream;
-    let mut connection = by(deadline, upstream.raw_connection()).await?;
+    let mut connection = match upstream.kept_raw_connection(started) {
+        Some(kept) => kept,
+        None => by(deadline, upstream.new_raw_connection()).await?,
+    };
     match write_until(&mut connection.stream, &scratch.out, deadline, timer).await {
         Written::All => {}
         Written::TimedOut => return Err(ProxyError::Timeout),
@@ -572,8 +577,7 @@ async fn exchange(
     }
 }
 
-/// Connecting counts against the upstream timeout too, as on the hyper lane. (No timer is armed
-/// when a kept connection is at hand: the inner future is polled first.)
+/// Connecting counts against the upstream timeout too, as on the hyper lane.
 async fn by(
     deadline: Instant,
     connecting: impl Future<Output = Result<RawConnection, ProxyError>>,

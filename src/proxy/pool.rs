@@ -70,22 +70,24 @@ impl<C> IdleLists<C> {
         IdleLists { lists: Vec::new() }
     }
 
-    /// The most recently used idle connection to `destination` still young enough, if any.
-    pub(super) fn take(&mut self, destination: &Destination) -> Option<C> {
+    /// The most recently used idle connection to `destination` still young enough at `now`.
+    pub(super) fn take(&mut self, destination: &Destination, now: Instant) -> Option<C> {
         let entry = self
             .lists
             .iter_mut()
             .find(|entry| entry.key == destination.key)?;
         loop {
             let (connection, since) = entry.idle.pop_back()?;
-            if since.elapsed() < IDLE_FOR {
+            if now.saturating_duration_since(since) < IDLE_FOR {
                 return Some(connection);
             }
         }
     }
 
-    /// Keeps `connection` (whose exchange is complete) for the next request to `destination`.
-    pub(super) fn put(&mut self, destination: &Destination, connection: C) {
+    /// Keeps `connection` (whose exchange is complete) for the next request to `destination`,
+    /// idle since `now` (a caller may pass an instant it already has: a little early only
+    /// makes the connection look older).
+    pub(super) fn put(&mut self, destination: &Destination, connection: C, now: Instant) {
         if destination.alive.strong_count() == 0 {
             return;
         }
@@ -107,10 +109,9 @@ impl<C> IdleLists<C> {
             }
         };
         let idle = &mut self.lists[position].idle;
-        let now = Instant::now();
         while idle
             .front()
-            .is_some_and(|(_, since)| now.duration_since(*since) >= IDLE_FOR)
+            .is_some_and(|(_, since)| now.saturating_duration_since(*since) >= IDLE_FOR)
         {
             idle.pop_front();
         }
@@ -164,7 +165,8 @@ pub async fn send(
 /// The most recently used idle connection that can take a request, if any.
 async fn take_idle(destination: &Destination) -> Option<SendRequest<Body>> {
     loop {
-        let mut sender = KEPT.with(|kept| kept.borrow_mut().take(destination))?;
+        let now = Instant::now();
+        let mut sender = KEPT.with(|kept| kept.borrow_mut().take(destination, now))?;
         if sender.is_closed() {
             continue;
         }
@@ -222,7 +224,7 @@ fn give_back(sender: SendRequest<Body>, destination: &Destination) {
     if sender.is_closed() {
         return;
     }
-    KEPT.with(|kept| kept.borrow_mut().put(destination, sender));
+    KEPT.with(|kept| kept.borrow_mut().put(destination, sender, Instant::now()));
 }
 
 /// The upstream's answer, whose body hands the connection back when it ends (and the request's

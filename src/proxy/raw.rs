@@ -4,6 +4,7 @@
 
 use std::cell::RefCell;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Method};
@@ -23,17 +24,18 @@ pub struct RawConnection {
 }
 
 impl Upstream {
-    /// The most recently used kept connection that still looks open, else a new one.
-    pub async fn raw_connection(&self) -> Result<RawConnection, ProxyError> {
-        while let Some(stream) = KEPT.with(|kept| kept.borrow_mut().take(&self.destination)) {
+    /// The most recently used kept connection that still looks open, if any. `now` is the
+    /// caller's (the request's start): one clock read fewer per request.
+    pub fn kept_raw_connection(&self, now: Instant) -> Option<RawConnection> {
+        while let Some(stream) = KEPT.with(|kept| kept.borrow_mut().take(&self.destination, now)) {
             if looks_open(&stream) {
-                return Ok(RawConnection {
+                return Some(RawConnection {
                     stream,
                     reused: true,
                 });
             }
         }
-        self.new_raw_connection().await
+        None
     }
 
     /// A new connection, never a kept one.
@@ -47,9 +49,9 @@ impl Upstream {
     }
 
     /// Keeps a connection whose exchange is complete (answer read to its end, nothing more
-    /// arrived) for the next request on this thread.
-    pub fn keep_raw(&self, stream: TcpStream) {
-        KEPT.with(|kept| kept.borrow_mut().put(&self.destination, stream));
+    /// arrived) for the next request on this thread, idle since about `now`.
+    pub fn keep_raw(&self, stream: TcpStream, now: Instant) {
+        KEPT.with(|kept| kept.borrow_mut().put(&self.destination, stream, now));
     }
 
     /// Appends the HTTP/1.1 head of `method path_and_query` to `out`, with `headers` made
