@@ -206,6 +206,8 @@ pub enum ParsedResponse {
 pub enum BadResponse {
     #[error("the answer's head is malformed: {0}")]
     Malformed(httparse::Error),
+    #[error("the answer's status {0} is not one HTTP defines")]
+    Status(u16),
     #[error("the answer switches protocols, which was never asked for")]
     Upgrade,
     #[error("the answer's Content-Length is invalid or contradicts itself")]
@@ -234,6 +236,9 @@ pub fn parse_response(
         Err(error) => return Err(BadResponse::Malformed(error)),
     };
     let status = response.code.unwrap_or(0);
+    if status < 100 {
+        return Err(BadResponse::Status(status));
+    }
     if status == 101 {
         return Err(BadResponse::Upgrade);
     }
@@ -523,6 +528,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+            "HTTP/1.1 099 Too Low\r\nContent-Length: 0\r\n\r\n",
             "HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\n\r\n",
         ] {
             assert!(answer(text, false).is_err(), "{text:?}");

@@ -77,6 +77,7 @@ pub async fn serve(gate: &Gate, mut client: TcpStream, peer: SocketAddr) -> Ende
         let head = match read_head(state, &mut client, &mut inbound, &mut timer, &mut parked).await
         {
             HeadRead::Plain(head) => head,
+            HeadRead::TooLong(raw) => return Ended::HandOver(Prefixed::new(client, raw, inbound)),
             HeadRead::Unusual => {
                 return Ended::HandOver(Prefixed::new(client, Bytes::new(), inbound))
             }
@@ -186,6 +187,8 @@ struct Over;
 #[allow(clippy::large_enum_variant)] // As `head::Parsed`: one per request, moved once.
 enum HeadRead {
     Plain(head::RequestHead),
+    /// A complete head longer than `max_header_bytes`, split off the buffer.
+    TooLong(Bytes),
     Unusual,
     Over,
 }
@@ -202,6 +205,11 @@ async fn read_head(
     loop {
         if !inbound.is_empty() {
             match head::parse_request(inbound) {
+                // Longer than hyper allows, though read in pieces that each fitted: hyper
+                // answers it (431), from the same bytes.
+                Parsed::Plain(head) if head.raw.len() > limits.max_header_bytes => {
+                    return HeadRead::TooLong(head.raw)
+                }
                 Parsed::Plain(head) => return HeadRead::Plain(head),
                 Parsed::Unusual => return HeadRead::Unusual,
                 // Too long: hyper answers 431.
@@ -460,7 +468,8 @@ async fn pass_through(
                 took,
             );
             let closing = on.closing(request.close_asked);
-            return write_gate_answer(on.client, response, id_value, closing).await;
+            let head_request = request.method == Method::HEAD;
+            return write_gate_answer(on.client, response, id_value, closing, head_request).await;
         }
     };
     observe::finish_pipeline(
@@ -716,12 +725,14 @@ fn error_answer(state: &AppState, id: &request_id::RequestId, error: ProxyError)
     })
 }
 
-/// Writes an answer the gate made itself (a small, complete body) to the client.
+/// Writes an answer the gate made itself (a small, complete body) to the client; without the
+/// body when the request was `HEAD`.
 async fn write_gate_answer(
     client: &mut TcpStream,
     response: Response,
     id_value: Option<http::HeaderValue>,
     closing: bool,
+    head_request: bool,
 ) -> Result<(), Over> {
     let (mut parts, body) = response.into_parts();
     if let Some(value) = id_value {
@@ -749,7 +760,10 @@ async fn write_gate_answer(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&body);
+    // An answer to HEAD says how long its body would be, and has none.
+    if !head_request {
+        out.extend_from_slice(&body);
+    }
     if client.write_all(&out).await.is_err() || closing {
         let _ = client.shutdown().await;
         return Err(Over);

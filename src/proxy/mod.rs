@@ -79,8 +79,32 @@ fn is_withheld_from_upstream(name: &str) -> bool {
             || name == "forwarded"
             || URL_OVERRIDE_HEADERS.contains(&name)
     };
-    withheld(name) || (name.contains('_') && withheld(&name.replace('_', "-")))
+    withheld(name)
+        || (name.contains('_') && {
+            let folded = name.replace('_', "-");
+            withheld(&folded) || JUDGED_OR_SET.contains(&folded.as_str())
+        })
 }
+
+/// Headers the gate judges a request by or sets itself. Their underscore spellings are
+/// withheld: an upstream that folds `_` into `-` would otherwise read `X_HTTP_Method_Override`
+/// as an override the gate never matched on, `Content_Type` beside the `Content-Type` the rule
+/// judged, `Content_Length` as framing, or `X_Forwarded_For` as a client address the gate
+/// never wrote. (The identity header's twins are removed in `web::gateway::classify`.)
+const JUDGED_OR_SET: [&str; 12] = [
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "host",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-request-id",
+    "idempotency-key",
+    crate::policy::METHOD_OVERRIDE_HEADERS[0],
+    crate::policy::METHOD_OVERRIDE_HEADERS[1],
+    crate::policy::METHOD_OVERRIDE_HEADERS[2],
+];
 
 /// Removes headers whose names equal one of `protected` once `_` is read as `-` (CGI, WSGI
 /// and nginx with `underscores_in_headers` fold them together), so `x_verified_user` cannot
@@ -369,6 +393,17 @@ header = "x-user-id"
             "stepgate_approval",
             "transfer_encoding",
             "proxy_authorization",
+            "x_http_method_override",
+            "x_http_method",
+            "x_method_override",
+            "content_type",
+            "content_length",
+            "content_encoding",
+            "x_forwarded_for",
+            "x_forwarded_host",
+            "x_forwarded_proto",
+            "x_request_id",
+            "idempotency_key",
         ] {
             headers.insert(
                 HeaderName::from_bytes(name.as_bytes()).unwrap(),

@@ -2983,3 +2983,118 @@ async fn an_answer_whose_connection_header_names_its_length_keeps_its_framing() 
     let next = client.exchange(get("/after")).await;
     assert_echoed(&next, "/after", &upstream.seen()[1]);
 }
+
+/// An upstream that reads `_` as `-` (CGI, WSGI, Rack, older Puma and gunicorn) would take the
+/// underscore spelling of a header the gate judges or sets for the real one: a method override
+/// the gate never matched on, a second `Content-Type` beside the one the rule judged, framing,
+/// or a client address. Such spellings are withheld; other underscore names pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underscore_spellings_of_headers_the_gate_judges_or_sets_never_reach_the_upstream() {
+    let (upstream, gate) = echo_setup("").await;
+    let twins = [
+        "X_HTTP_Method_Override: PUT",
+        "x_http_method: PUT",
+        "X_Method_Override: PUT",
+        "Content_Type: application/x-www-form-urlencoded",
+        "Content_Length: 0",
+        "Content_Encoding: gzip",
+        "X_Forwarded_For: 6.6.6.6",
+        "X_Forwarded_Host: evil.example",
+        "X_Forwarded_Proto: https",
+        "X_Request_Id: forged",
+        "Idempotency_Key: forged",
+    ];
+    // Both lanes: the express lane, and hyper's (a chunked body is handed to it).
+    for (lane, framing, body) in [
+        ("express", "Content-Length: 2", "{}"),
+        (
+            "hyper",
+            "Transfer-Encoding: chunked",
+            "2\r\n{}\r\n0\r\n\r\n",
+        ),
+    ] {
+        let mut client = Client::open(&gate).await;
+        let request = format!(
+            "POST /api/v1/api-keys/k1 HTTP/1.1\r\nHost: a\r\n{}\r\n\
+             Api_Key: kept\r\nContent-Type: application/json\r\n{framing}\r\n\r\n{body}",
+            twins.join("\r\n")
+        );
+        let answer = client.exchange(request).await;
+        let seen = upstream.seen();
+        let last = seen.last().expect("the request was forwarded");
+        assert_echoed(&answer, "/api/v1/api-keys/k1", last);
+        let names: Vec<String> = last.fields().into_iter().map(|(name, _)| name).collect();
+        for twin in twins {
+            let name = twin
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            assert!(
+                !names.contains(&name),
+                "{lane}: {name} reached the upstream"
+            );
+        }
+        assert_eq!(last.header("api_key").as_deref(), Some("kept"), "{lane}");
+        assert_eq!(last.header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    }
+}
+
+/// A gate error answering `HEAD` has no body, whichever lane made it, so the client reads the
+/// next answer where it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_answer_to_head_has_no_body_and_the_connection_stays_in_step() {
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a port to close");
+    let url = format!("http://{}", closed.local_addr().expect("its address"));
+    drop(closed);
+    let gate = start_gate(&url, "").await;
+    let mut client = Client::open(&gate).await;
+    client
+        .send("HEAD /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let head = client.answer_to_head().await;
+    assert_eq!(head.status_line, "HTTP/1.1 502 Bad Gateway");
+    let length: usize = head
+        .header("content-length")
+        .and_then(|length| length.parse().ok())
+        .expect("the length the body would have");
+    assert!(length > 0);
+    let next = client.answer().await;
+    assert_gate_error(
+        &next,
+        "HTTP/1.1 502 Bad Gateway",
+        "upstream_unreachable",
+        "the exchange API cannot be reached",
+    );
+    assert_eq!(
+        next.body.len(),
+        length,
+        "the GET's body is the one HEAD left out"
+    );
+}
+
+/// `max_header_bytes` bounds the whole head, however it arrives: in pieces that each fit, a
+/// head over the limit is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_over_max_header_bytes_sent_in_pieces_is_431() {
+    // The default limit, 32 KiB, and a 58 KB head in growing pieces, each read on its own:
+    // the read buffer grows by doubling, so the last read finishes the head far past the limit.
+    let (upstream, gate) = echo_setup("").await;
+    let mut client = Client::open(&gate).await;
+    let mut request = b"GET /big HTTP/1.1\r\nHost: a\r\nX-Big: ".to_vec();
+    request.resize(58 * 1000, b'x');
+    request.extend_from_slice(b"\r\n\r\n");
+    let mut rest = &request[..];
+    for size in [4096, 4096, 8192, 15416] {
+        let (piece, after) = rest.split_at(size);
+        client.send(piece).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        rest = after;
+    }
+    client.send(rest).await;
+    let answer = client.answer().await;
+    assert_bare_refusal(&answer, "HTTP/1.1 431 Request Header Fields Too Large");
+    upstream.assert_saw_nothing("a head over the limit").await;
+}
