@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::helpers::gate_config;
 use stepgate::clock::ManualClock;
-use stepgate::config::Config;
 use stepgate::server::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -134,28 +134,7 @@ async fn gate_with_limits(upstream: &RawUpstream, dir: &tempfile::TempDir, limit
         .await
         .expect("bind the gate");
     let port = listener.local_addr().expect("gate address").port();
-    let config = format!(
-        r#"
-listen = "127.0.0.1:{port}"
-public_url = "http://localhost:{port}"
-upstream = "{upstream}"
-database_url = "sqlite://{db}/gate.db"
-
-[webauthn]
-rp_id = "localhost"
-rp_name = "Test Exchange"
-
-[identity]
-mode = "header"
-header = "x-user-id"
-
-[limits]
-{limits}
-"#,
-        upstream = upstream.url,
-        db = dir.path().display(),
-    );
-    let config = Config::from_toml_str(&config, "test config", &[]).expect("a valid config");
+    let config = gate_config(port, &upstream.url, dir.path(), limits);
     let server = Server::bind(config, Arc::new(ManualClock::starting_now()), listener)
         .await
         .expect("the gate starts");

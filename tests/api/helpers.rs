@@ -305,6 +305,60 @@ pub struct TestApp {
 
 /// A gate on `backend` with the default options; `None` when that backend is unavailable
 /// outside CI (announced by `TestDb`).
+/// The config of a gate on `port` in front of `upstream_url`: header identity (`x-user-id`), a
+/// SQLite file in `db_dir`, the `[limits]` lines given and the one protected rule of these
+/// tests. For the suites that start a `Server` of their own on raw connections.
+pub fn gate_config(
+    port: u16,
+    upstream_url: &str,
+    db_dir: &std::path::Path,
+    limits: &str,
+) -> Config {
+    let database_url = format!("sqlite://{}/gate.db", db_dir.display());
+    config_with(port, upstream_url, &database_url, HEADER_IDENTITY, limits)
+}
+
+const HEADER_IDENTITY: &str = "mode = \"header\"\nheader = \"x-user-id\"\n";
+
+/// A gate's config: its `[identity]` and `[limits]` lines given, and the one protected rule of
+/// these tests (enabling withdrawals on an API key).
+fn config_with(
+    port: u16,
+    upstream_url: &str,
+    database_url: &str,
+    identity: &str,
+    limits: &str,
+) -> Config {
+    let text = format!(
+        r#"
+listen = "127.0.0.1:{port}"
+public_url = "http://localhost:{port}"
+upstream = "{upstream_url}"
+database_url = "{database_url}"
+
+[webauthn]
+rp_id = "localhost"
+rp_name = "Test Exchange"
+
+[identity]
+{identity}
+[limits]
+{limits}
+
+[[rules]]
+name = "enable-withdrawals"
+methods = ["PUT", "PATCH"]
+path = "/api/v1/api-keys/{{key_id}}"
+when = [{{ pointer = "/permissions", contains = "withdraw" }}]
+cooling_off = "24h"
+confirm_within = "10m"
+summary = "Enable withdrawals on API key {{key_id}}"
+"#
+    );
+    Config::from_toml_str(&text, "test config", &[])
+        .unwrap_or_else(|error| panic!("the test config is invalid: {error}\n{text}"))
+}
+
 pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
     spawn_app_with(AppOptions {
         backend,
@@ -322,49 +376,20 @@ pub async fn spawn_app_with(options: AppOptions) -> Option<TestApp> {
     let port = listener.local_addr().expect("gate local address").port();
 
     let identity = match options.identity {
-        IdentityKind::Header => "mode = \"header\"\nheader = \"x-user-id\"\n".to_string(),
+        IdentityKind::Header => HEADER_IDENTITY.to_string(),
         IdentityKind::SignedHeader => {
-            format!("mode = \"header\"\nheader = \"x-user-id\"\nhmac_secret = \"{HMAC_SECRET}\"\n")
+            format!("{HEADER_IDENTITY}hmac_secret = \"{HMAC_SECRET}\"\n")
         }
         IdentityKind::Jwt => format!(
             "mode = \"jwt\"\nalgorithm = \"HS256\"\nsecret = \"{JWT_SECRET}\"\n\
              cookie = \"{JWT_COOKIE}\"\nclaim = \"sub\"\n"
         ),
     };
-    let config_text = format!(
-        r#"
-listen = "127.0.0.1:{port}"
-public_url = "http://localhost:{port}"
-upstream = "{upstream}"
-database_url = "{db}"
-
-[limits]
-max_body_bytes = "64KiB"
-upstream_timeout = "{upstream_timeout}"
-ceremony_ttl = "{ceremony_ttl}"
-
-[webauthn]
-rp_id = "localhost"
-rp_name = "Test Exchange"
-
-[identity]
-{identity}
-[[rules]]
-name = "enable-withdrawals"
-methods = ["PUT", "PATCH"]
-path = "/api/v1/api-keys/{{key_id}}"
-when = [{{ pointer = "/permissions", contains = "withdraw" }}]
-cooling_off = "24h"
-confirm_within = "10m"
-summary = "Enable withdrawals on API key {{key_id}}"
-"#,
-        upstream = upstream.url(),
-        db = database.url,
-        upstream_timeout = options.upstream_timeout,
-        ceremony_ttl = options.ceremony_ttl,
+    let limits = format!(
+        "max_body_bytes = \"64KiB\"\nupstream_timeout = \"{}\"\nceremony_ttl = \"{}\"\n",
+        options.upstream_timeout, options.ceremony_ttl
     );
-    let config = Config::from_toml_str(&config_text, "test config", &[])
-        .unwrap_or_else(|e| panic!("the test config is invalid: {e}\n{config_text}"));
+    let config = config_with(port, &upstream.url(), &database.url, &identity, &limits);
 
     let clock = ManualClock::starting_now();
     let server = Server::bind(config, Arc::new(clock.clone()), listener)

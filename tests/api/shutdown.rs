@@ -7,8 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::helpers::gate_config;
 use stepgate::clock::ManualClock;
-use stepgate::config::Config;
 use stepgate::server::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -88,29 +88,8 @@ async fn shutdown_closes_idle_connections_at_once_and_finishes_the_request_in_fl
         .await
         .expect("bind the gate");
     let address = listener.local_addr().expect("gate address");
-    let config = format!(
-        r#"
-listen = "{address}"
-public_url = "http://localhost:{port}"
-upstream = "{upstream_url}"
-database_url = "sqlite://{db}/gate.db"
-
-[webauthn]
-rp_id = "localhost"
-rp_name = "Test Exchange"
-
-[identity]
-mode = "header"
-header = "x-user-id"
-
-[limits]
-shutdown_grace = "{GRACE}"
-header_timeout = "{GRACE}"
-"#,
-        port = address.port(),
-        db = dir.path().display(),
-    );
-    let config = Config::from_toml_str(&config, "test config", &[]).expect("a valid config");
+    let limits = format!("shutdown_grace = \"{GRACE}\"\nheader_timeout = \"{GRACE}\"");
+    let config = gate_config(address.port(), &upstream_url, dir.path(), &limits);
     let server = Server::bind(config, Arc::new(ManualClock::starting_now()), listener)
         .await
         .expect("the gate starts");

@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::helpers::gate_config;
 use serde_json::{json, Value};
 use stepgate::clock::ManualClock;
-use stepgate::config::Config;
 use stepgate::server::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -571,36 +571,7 @@ async fn start_gate(upstream_url: &str, limits: &str) -> Gate {
         .await
         .expect("bind the gate");
     let port = listener.local_addr().expect("gate address").port();
-    let config = format!(
-        r#"
-listen = "127.0.0.1:{port}"
-public_url = "http://localhost:{port}"
-upstream = "{upstream_url}"
-database_url = "sqlite://{db}/gate.db"
-
-[webauthn]
-rp_id = "localhost"
-rp_name = "Test Exchange"
-
-[identity]
-mode = "header"
-header = "x-user-id"
-
-[limits]
-{limits}
-
-[[rules]]
-name = "enable-withdrawals"
-methods = ["PUT", "PATCH"]
-path = "/api/v1/api-keys/{{key_id}}"
-when = [{{ pointer = "/permissions", contains = "withdraw" }}]
-cooling_off = "24h"
-confirm_within = "10m"
-summary = "Enable withdrawals on API key {{key_id}}"
-"#,
-        db = dir.path().display(),
-    );
-    let config = Config::from_toml_str(&config, "test config", &[]).expect("a valid config");
+    let config = gate_config(port, upstream_url, dir.path(), limits);
     let server = Server::bind(config, Arc::new(ManualClock::starting_now()), listener)
         .await
         .expect("the gate starts");
@@ -2217,31 +2188,7 @@ async fn answer_heads_the_gate_cannot_read_strictly_are_502() {
             "HTTP/1.1 200 OK\r\nx-a: 1\u{0}2\r\ncontent-length: 2\r\n\r\n",
         ),
     ] {
-        let head = head.to_string();
-        let upstream = Upstream::start(move |seen| {
-            if seen.target() == "/odd" {
-                Reply::Send(format!("{head}ok").into_bytes())
-            } else {
-                Reply::Send(ok(&seen.target()))
-            }
-        })
-        .await;
-        let gate = start_gate(&upstream.url, "").await;
-        let mut client = Client::open(&gate).await;
-        let answer = client.exchange(get("/odd")).await;
-        assert_gate_error(
-            &answer,
-            "HTTP/1.1 502 Bad Gateway",
-            "upstream_failed",
-            "the exchange API's answer could not be read",
-        );
-        let next = client.exchange(get("/next")).await;
-        let seen = upstream.seen();
-        assert_echoed(&next, "/next", &seen[1]);
-        assert_eq!(
-            seen[1].connection, 2,
-            "{what}: not reused after a broken answer"
-        );
+        assert_unreadable_answer_is_502_and_dropped(what, format!("{head}ok")).await;
     }
 }
 
@@ -2366,34 +2313,40 @@ async fn an_answer_with_an_unreadable_length_is_502_and_its_connection_dropped()
         ("two lengths", "content-length: 5\r\ncontent-length: 6\r\n"),
         ("a signed length", "content-length: +5\r\n"),
     ] {
-        let bad = headers.to_string();
-        let upstream = Upstream::start(move |seen| {
-            if seen.target() == "/bad" {
-                Reply::Send(format!("HTTP/1.1 200 OK\r\n{bad}\r\nhello!").into_bytes())
-            } else {
-                Reply::Send(ok(&seen.target()))
-            }
-        })
-        .await;
-        let gate = start_gate(&upstream.url, "").await;
-        let mut client = Client::open(&gate).await;
-        let answer = client.exchange(get("/bad")).await;
-        assert_gate_error(
-            &answer,
-            "HTTP/1.1 502 Bad Gateway",
-            "upstream_failed",
-            "the exchange API's answer could not be read",
-        );
-        let next = client.exchange(get("/next")).await;
-        let seen = upstream.seen();
-        assert_echoed(&next, "/next", &seen[1]);
-        let places: Vec<(usize, usize)> = seen.iter().map(|s| (s.connection, s.index)).collect();
-        assert_eq!(
-            places,
-            [(1, 0), (2, 0)],
-            "{what}: not reused after a broken answer"
-        );
+        let answer = format!("HTTP/1.1 200 OK\r\n{headers}\r\nhello!");
+        assert_unreadable_answer_is_502_and_dropped(what, answer).await;
     }
+}
+
+/// An upstream answering `GET /odd` with `answer` (and anything else with its target): the
+/// client gets `502 upstream_failed`, and its next request goes on a new upstream connection.
+async fn assert_unreadable_answer_is_502_and_dropped(what: &str, answer: String) {
+    let upstream = Upstream::start(move |seen| {
+        if seen.target() == "/odd" {
+            Reply::Send(answer.clone().into_bytes())
+        } else {
+            Reply::Send(ok(&seen.target()))
+        }
+    })
+    .await;
+    let gate = start_gate(&upstream.url, "").await;
+    let mut client = Client::open(&gate).await;
+    let refused = client.exchange(get("/odd")).await;
+    assert_gate_error(
+        &refused,
+        "HTTP/1.1 502 Bad Gateway",
+        "upstream_failed",
+        "the exchange API's answer could not be read",
+    );
+    let next = client.exchange(get("/next")).await;
+    let seen = upstream.seen();
+    assert_echoed(&next, "/next", &seen[1]);
+    let places: Vec<(usize, usize)> = seen.iter().map(|s| (s.connection, s.index)).collect();
+    assert_eq!(
+        places,
+        [(1, 0), (2, 0)],
+        "{what}: not reused after a broken answer"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
