@@ -1,7 +1,8 @@
 //! The express lane: a client connection served without hyper for as long as its requests are
 //! plain pass-throughs, which is almost all of an exchange's traffic. Its first request that is
 //! anything else (a gate page, a protected route or a release, a body larger than
-//! [`SMALL_BODY`] or chunked, `Expect`, an upgrade, HTTP/1.0, a head hyper would refuse) hands
+//! [`SMALL_BODY`] or chunked, `Expect`, an upgrade, HTTP/1.0, a `Connection` naming anything but
+//! `close` or `keep-alive`, a head hyper would refuse or longer than `max_header_bytes`) hands
 //! the whole connection, with every byte read so far, to hyper and the usual pipeline
 //! (`web::dispatch`), which then decides everything afresh.
 //!
@@ -11,7 +12,9 @@
 //! the head (httparse, the parser hyper uses), asks the pipeline's own [`gateway::classify`]
 //! whether it is a pass-through, writes the head with the proxy's own header hygiene
 //! ([`crate::proxy::Upstream::write_head`]) on a kept upstream connection and copies the answer
-//! back, with its framing checked and its connection-scoped headers removed.
+//! back, with its framing checked and its connection-scoped headers removed. The framing
+//! headers on both sides are the lane's own, written from what it sends, never copied: a
+//! client's or upstream's `Connection` naming `Content-Length` cannot unframe a message.
 //!
 //! What it keeps of hyper's behaviour: `header_timeout` for each head, `max_header_bytes` (a
 //! longer head goes to hyper, which answers 431), keep-alive unless either side says `close`,
