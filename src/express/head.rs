@@ -118,12 +118,20 @@ fn find(buffer: &[u8]) -> Result<Found, NotPlain> {
     if method == Method::CONNECT || !target.starts_with('/') {
         return Err(NotPlain::Unusual);
     }
+    // httparse's slices all lie within the head; checked anyway, so a slice from elsewhere
+    // (an empty value, say) sends the request to hyper instead of out of bounds.
     let base = buffer.as_ptr() as usize;
-    let span = |slice: &[u8]| (slice.as_ptr() as usize - base, slice.len());
+    let span = |slice: &[u8]| -> Result<Span, NotPlain> {
+        let start = (slice.as_ptr() as usize)
+            .checked_sub(base)
+            .filter(|start| start.saturating_add(slice.len()) <= len)
+            .ok_or(NotPlain::Unusual)?;
+        Ok((start, slice.len()))
+    };
     let mut found = Found {
         len,
         method,
-        target: span(target.as_bytes()),
+        target: span(target.as_bytes())?,
         fields: Vec::with_capacity(request.headers.len()),
         body_len: None,
         close: false,
@@ -156,7 +164,7 @@ fn find(buffer: &[u8]) -> Result<Found, NotPlain> {
         let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
             return Err(NotPlain::Unusual);
         };
-        found.fields.push((name, span(field.value)));
+        found.fields.push((name, span(field.value)?));
     }
     Ok(found)
 }
