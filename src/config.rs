@@ -1455,9 +1455,10 @@ fn parse_byte_size(size: &ByteSize) -> Result<usize, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// A complete, valid config file; other modules' tests start from it too.
     pub const MINIMAL: &str = r#"
 listen = "127.0.0.1:8080"
 public_url = "http://localhost:8080"

@@ -359,21 +359,8 @@ mod tests {
     /// (its fields are public) must be refused, not sent in clear text.
     #[test]
     fn an_upstream_that_is_not_http_is_refused() {
-        let text = r#"
-listen = "127.0.0.1:8080"
-public_url = "http://localhost:8080"
-upstream = "http://127.0.0.1:9000"
-database_url = "sqlite::memory:"
-
-[webauthn]
-rp_id = "localhost"
-rp_name = "Example Exchange"
-
-[identity]
-mode = "header"
-header = "x-user-id"
-"#;
-        let mut config = Config::from_toml_str(text, "test", &[]).expect("a valid config");
+        let mut config = Config::from_toml_str(crate::config::tests::MINIMAL, "test", &[])
+            .expect("a valid config");
         assert!(Upstream::new(&config).is_ok());
         config.upstream = Url::parse("https://exchange.internal:9443/").expect("a URL");
         let refused = Upstream::new(&config)
